@@ -1,0 +1,50 @@
+"""What retrieval hands to a reader: the neighbour cases and the label evidence voted from them.
+
+Kept apart from `retrieve` (which needs an encoder and an index) so that prompts, reports and LLM
+backends can be built and tested from evidence alone.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Neighbour:
+    """One retrieved reference case, with what a reader needs to cite and weigh it."""
+
+    case_id: int  # primary key in the case store: the id a report cites
+    score: float  # cosine similarity to the query, in [-1, 1]
+    source: str
+    external_id: str
+    report: str = ""
+    codes: dict[str, float] = field(default_factory=dict)  # SCP-ECG code -> likelihood
+    code_descriptions: dict[str, str] = field(default_factory=dict)  # SCP-ECG code -> English text
+    labels: list[str] = field(default_factory=list)  # superclasses
+    age: float | None = None
+    sex: str | None = None
+    patient_id: str | None = None
+    image_path: str | None = None  # a rendered page of the case, when the index kept one
+
+
+@dataclass
+class Evidence:
+    """Neighbours plus similarity-weighted votes: label -> score in [0, 1]."""
+
+    neighbours: list[Neighbour]
+    superclass_scores: dict[str, float] = field(default_factory=dict)
+    code_scores: dict[str, float] = field(default_factory=dict)
+    k: int = 0
+    index_name: str = ""
+    encoder_hash: str = ""
+
+    @property
+    def case_ids(self) -> list[int]:
+        return [n.case_id for n in self.neighbours]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Evidence":
+        return cls(neighbours=[Neighbour(**n) for n in d.get("neighbours", [])],
+                   **{k: v for k, v in d.items() if k != "neighbours"})

@@ -1,0 +1,77 @@
+"""Shared fixtures: the real data folder, real SQLite/PostgreSQL stores, a small ingested store."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from rag_ecg import paths  # noqa: E402
+
+DEFAULT_TEST_PG = "postgresql+psycopg2://rag_ecg:rag_ecg@127.0.0.1:5432/rag_ecg_test"
+N_PTBXL, N_LUDB = 80, 5  # the small store: 80 PTB-XL cases cover all 5 superclasses and folds 1-9
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    root = paths.shared_data_dir()
+    if not (root / "ptbxl" / "ptbxl_database.csv").exists():
+        pytest.skip(f"real ECG data not found at {root} (set RAG_ECG_SHARED_DATA)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def ptbxl_dir(shared_data) -> Path:
+    return shared_data / "ptbxl"
+
+
+@pytest.fixture(scope="session")
+def ludb_dir(shared_data) -> Path:
+    if not (shared_data / "ludb" / "data").is_dir():
+        pytest.skip(f"LUDB not found under {shared_data}")
+    return shared_data / "ludb"
+
+
+def _postgres_url() -> str:
+    """A fresh database on the test server, or skip (fail when RAG_ECG_REQUIRE_PG=1, as in CI)."""
+    from sqlalchemy import create_engine, text
+
+    base = os.environ.get("RAG_ECG_TEST_PG", DEFAULT_TEST_PG)
+    try:
+        eng = create_engine(base, isolation_level="AUTOCOMMIT")
+        name = f"rag_ecg_t_{uuid.uuid4().hex[:10]}"
+        with eng.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}"'))
+        eng.dispose()
+    except Exception as exc:
+        msg = f"no PostgreSQL test server at {base} ({type(exc).__name__}); run: bash .ci/postgres.sh"
+        if os.environ.get("RAG_ECG_REQUIRE_PG") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return base.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """Every store test runs against a real SQLite file and a real PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'cases.db'}"
+    return _postgres_url()
+
+
+@pytest.fixture(scope="session")
+def ingested_store(tmp_path_factory, ptbxl_dir, ludb_dir):
+    """A real SQLite store with the first 80 PTB-XL cases and 5 LUDB cases (read-only for tests)."""
+    from index.ingest import ingest
+    from rag_ecg.store import open_store
+
+    db = tmp_path_factory.mktemp("store") / "cases.db"
+    store = open_store(f"sqlite:///{db}")
+    ingest(store, "ptbxl", ptbxl_dir, limit=N_PTBXL, progress=False, log=lambda m: None)
+    ingest(store, "ludb", ludb_dir, limit=N_LUDB, progress=False, log=lambda m: None)
+    yield store
+    store.dispose()
