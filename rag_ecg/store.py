@@ -94,6 +94,40 @@ class IngestSkip(Base):
     error: Mapped[str] = mapped_column(Text)
 
 
+class ReviewJob(Base):
+    """A batch chart review: its input and settings; re-running the same command finds the same job."""
+
+    __tablename__ = "review_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True)  # hash of input + settings: resume finds it
+    input: Mapped[str] = mapped_column(Text)
+    out_dir: Mapped[str] = mapped_column(Text)
+    settings: Mapped[dict] = mapped_column(JSON, default=dict)  # backend, index, k, engine, ...
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running | done
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ReviewItem(Base):
+    """One chart of a review job; `done`/`error` rows are never redone, so a killed batch resumes."""
+
+    __tablename__ = "review_items"
+    __table_args__ = (UniqueConstraint("job_id", "chart_key", name="uq_review_item_chart"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("review_jobs.id"), index=True)
+    chart_key: Mapped[str] = mapped_column(Text)  # stable id of the chart within the input (relative path)
+    path: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending|done|error
+    error: Mapped[str | None] = mapped_column(Text)
+    timings: Mapped[dict] = mapped_column(JSON, default=dict)  # stage -> seconds
+    report: Mapped[dict | None] = mapped_column(JSON)  # Report.to_dict()
+    neighbours: Mapped[list | None] = mapped_column(JSON)  # [{"case_id": .., "score": ..}, ...]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 def default_db_url() -> str:
     """`RAG_ECG_DB` if set, else a SQLite file in the project's data directory."""
     env = os.environ.get("RAG_ECG_DB")
