@@ -83,6 +83,224 @@ def stats(db: Optional[str] = DbOpt) -> None:
     print_summary(_store(db))
 
 
+def _fail(exc: Exception, code: int = 2):
+    err.print(f"[red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _index_dir(index: str) -> Path:
+    p = Path(index)
+    return p if p.is_dir() or "/" in index else paths.index_dir() / index
+
+
+@app.command()
+def render(inputs: list[Path] = typer.Argument(..., help="WFDB records (.hea) or folders of them"),
+           out: Path = typer.Option(..., "--out", help="output folder"),
+           layout: str = typer.Option("3x4+II", help="3x4 | 3x4+II | 6x2 | 12x1 | random"),
+           preset: str = typer.Option("clean", help="clean | print | scan | photo | random"),
+           seed: int = 0, workers: int = typer.Option(0, help="processes (0: all cores)"),
+           dpi: int = 200, image_format: str = typer.Option("png", help="png | jpg")) -> None:
+    """Render ECG records as paper-ECG images (+ layout JSON), in parallel."""
+    from index.render_job import render_many
+
+    written = render_many(inputs, out, layout=None if layout == "random" else layout, preset=preset, seed=seed,
+                          workers=workers, dpi=dpi, image_format=image_format)
+    console.print(f"{len(written)} images written to {out}")
+
+
+@app.command("train-encoder")
+def train_encoder(config: Path = typer.Option(Path("training/configs/encoder_cpu.yaml"), help="YAML config"),
+                  set_: list[str] = typer.Option([], "--set", help="override a config field: key=value"),
+                  db: Optional[str] = DbOpt) -> None:
+    """Train the CLIP-style ECG encoder (contrastive, resumable); prints the checkpoint folder."""
+    from training.train_encoder import main
+
+    overrides = list(set_) + ([f"db={db}"] if db else [])
+    console.print(f"checkpoint: {main(config, overrides)}")
+
+
+@app.command("eval-encoder")
+def eval_encoder(checkpoint: Path, db: Optional[str] = DbOpt,
+                 presets: str = typer.Option("random,clean", help="query presets, comma-separated"),
+                 k: int = 10, out: Optional[Path] = typer.Option(None, help="write the metrics JSON here")) -> None:
+    """Fold-9 queries vs the folds 1-8 library: recall@k and kNN superclass AUC/F1/Hamming."""
+    import json
+
+    from rag_ecg.evaluate import flat_metrics
+    from training.train_encoder import evaluate_checkpoint, summarize
+
+    result = evaluate_checkpoint(checkpoint, db=db, presets=presets.split(","), k=k)
+    console.print(summarize(result))
+    if out:
+        out.write_text(json.dumps(flat_metrics(result), indent=2) + "\n")
+
+
+@app.command("build-index")
+def build_index_cmd(encoder: Path = typer.Option(..., help="encoder checkpoint folder"),
+                    name: str = typer.Option("default", help="index name (folder index/<name>)"),
+                    db: Optional[str] = DbOpt, out: Optional[Path] = typer.Option(None, help="index folder"),
+                    split: str = typer.Option("train", help="PTB-XL splits to include, comma-separated, or all"),
+                    source: Optional[str] = typer.Option(None, help="sources to include, comma-separated"),
+                    preset: str = "clean", renders_per_case: int = 1, kind: str = "auto",
+                    limit: Optional[int] = None) -> None:
+    """Render, embed and index the reference library (resumes an interrupted build)."""
+    from index.build import BuildConfig, build_index
+
+    cfg = BuildConfig(splits=None if split == "all" else split.split(","),
+                      include_unsplit=split == "all", sources=source.split(",") if source else None,
+                      preset=preset, renders_per_case=renders_per_case, index={"kind": kind}, limit=limit)
+    try:
+        folder = build_index(_store(db), encoder, name=name, out_dir=out, cfg=cfg)
+    except (ValueError, RuntimeError) as exc:
+        _fail(exc)
+    console.print(f"index: {folder}")
+
+
+def _query_evidence(query: Optional[Path], text: Optional[str], index: str, db: Optional[str], k: int,
+                    source: Optional[str]):
+    from rag_ecg.images import ImageLoadError, load_image
+    from rag_ecg.records import RecordError, read_wfdb
+    from rag_ecg.retrieve import IndexNotReadyError, Retriever
+
+    store = _store(db)
+    try:
+        retriever = Retriever.open(_index_dir(index), store)
+    except (IndexNotReadyError, ValueError) as exc:
+        _fail(exc)
+    image = None
+    try:
+        if text:
+            return retriever.search_texts([text], k, source=source)[0], None
+        if query is None:
+            _fail(ValueError("give a QUERY (image, PDF or WFDB record) or --text"))
+        if query.suffix == ".hea" or query.with_suffix(".hea").exists() and not query.suffix:
+            from rag_ecg.render import render_page
+
+            image = render_page(read_wfdb(query), preset="clean", dpi=retriever.manifest["build"]["dpi"])
+        else:
+            image = load_image(query)
+    except (ImageLoadError, RecordError) as exc:
+        _fail(exc)
+    return retriever.search_images([image], k, source=source)[0], image
+
+
+@app.command()
+def search(query: Optional[Path] = typer.Argument(None, help="image (PNG/JPEG/TIFF/BMP/PDF) or WFDB record"),
+           text: Optional[str] = typer.Option(None, "--text", help="search by report text instead"),
+           index: str = typer.Option("default", help="index name or folder"), db: Optional[str] = DbOpt,
+           k: int = 8, source: Optional[str] = typer.Option(None, help="only cases from this source"),
+           fmt: str = typer.Option("table", "--format", help="table | json | html"),
+           out: Optional[Path] = typer.Option(None, help="write the json/html here")) -> None:
+    """Find the most similar reference cases, with their reports and the label evidence."""
+    import json
+
+    evidence, image = _query_evidence(query, text, index, db, k, source)
+    if fmt == "json":
+        body = json.dumps(evidence.to_dict(), indent=2, default=str)
+    elif fmt == "html":
+        from rag_ecg.llm import get_backend
+        from rag_ecg.llm import interpret
+
+        report = interpret(image, evidence, get_backend("retrieval"))
+        body = report.to_html(query_image=image,
+                              case_images={n.case_id: n.image_path for n in evidence.neighbours if n.image_path})
+    else:
+        table = Table(title=f"{len(evidence.neighbours)} nearest cases")
+        for col in ("case", "score", "source:id", "age/sex", "superclasses", "report"):
+            table.add_column(col)
+        for n in evidence.neighbours:
+            table.add_row(str(n.case_id), f"{n.score:.3f}", f"{n.source}:{n.external_id}",
+                          f"{n.age if n.age is not None else '?'}/{n.sex or '?'}", " ".join(n.labels),
+                          (n.report or "")[:70])
+        console.print(table)
+        console.print("votes: " + ", ".join(f"{lab} {p:.2f}" for lab, p in evidence.superclass_scores.items()))
+        return
+    if out:
+        out.write_text(body)
+        console.print(f"written {out}")
+    else:
+        print(body)
+
+
+@app.command()
+def report(query: Path = typer.Argument(..., help="ECG image (PNG/JPEG/TIFF/BMP/PDF) or WFDB record"),
+           backend: str = typer.Option("retrieval", help="retrieval | hf | vllm"),
+           index: str = typer.Option("default", help="index name or folder"), db: Optional[str] = DbOpt,
+           k: int = 8, fmt: str = typer.Option("text", "--format", help="text | json | html"),
+           out: Optional[Path] = None,
+           base_url: Optional[str] = typer.Option(None, help="vllm: server URL, e.g. http://127.0.0.1:8000/v1"),
+           model: Optional[str] = typer.Option(None, help="vllm: served model name"),
+           model_path: Optional[str] = typer.Option(None, help="hf: local LLaVA-NeXT folder"),
+           no_cot: bool = typer.Option(False, help="short prompt (small context windows)"),
+           max_cases: Optional[int] = typer.Option(None, help="cases shown to the LLM")) -> None:
+    """A grounded report for one ECG image, citing the retrieved cases it relied on."""
+    from rag_ecg.llm import BackendError, report_command
+
+    evidence, image = _query_evidence(query, None, index, db, k, None)
+    opts = {k_: v for k_, v in dict(base_url=base_url, model=model, model_path=model_path).items() if v}
+    try:
+        text = report_command(query if image is None else image, evidence, backend=backend, fmt=fmt, out=out,
+                              backend_options=opts, cot=not no_cot, max_cases=max_cases)
+    except (BackendError, ValueError) as exc:
+        _fail(exc, 1)
+    print(text) if out is None else console.print(f"written {out}")
+
+
+@app.command()
+def review(input: str = typer.Argument(..., help="folder, CSV with a path column, or store:source=ptbxl,fold=9"),
+           out: Path = typer.Option(..., "--out", help="output folder (results.csv/jsonl, index.html)"),
+           backend: str = typer.Option("retrieval", help="retrieval | hf | vllm"),
+           index: str = typer.Option("default", help="index name or folder"),
+           workers: int = 2, engine: str = typer.Option("local", help="local | ray"), k: int = 8,
+           batch_size: int = 16, limit: Optional[int] = None, db: Optional[str] = DbOpt,
+           base_url: Optional[str] = None, model: Optional[str] = None, model_path: Optional[str] = None,
+           retry_errors: bool = False) -> None:
+    """Batch chart review: resumable, one row per chart, with an HTML page to skim."""
+    from rag_ecg.review import ReviewError
+    from rag_ecg.review import review as run_review
+
+    opts = {k_: v for k_, v in dict(base_url=base_url, model=model, model_path=model_path).items() if v}
+    try:
+        s = run_review(input, out, store=db, index_dir=index, backend=backend, backend_options=opts, k=k,
+                       workers=workers, batch_size=batch_size, engine=engine, limit=limit,
+                       retry_errors=retry_errors)
+    except ReviewError as exc:
+        _fail(exc, 1)
+    console.print(s.text())
+
+
+@app.command("build-instructions")
+def build_instructions(config: Optional[Path] = None, db: Optional[str] = DbOpt,
+                       out: Optional[Path] = None, index: Optional[str] = typer.Option(None, help="index for evidence"),
+                       encoder: Optional[Path] = None, limit: Optional[int] = None, seed: Optional[int] = None,
+                       evidence_share: Optional[float] = None) -> None:
+    """LLaVA-format instruction data (four task families, retrieved-case evidence) from the case store."""
+    from training.build_instructions import main
+
+    manifest = main(config, db_url=db, out_dir=out, index_dir=_index_dir(index) if index else None,
+                    encoder_dir=encoder, limit=limit, seed=seed, evidence_share=evidence_share)
+    console.print(f"manifest: {manifest}")
+
+
+@app.command()
+def finetune(config: Path = typer.Option(..., help="e.g. training/configs/lora_tiny_cpu.yaml"),
+             model_path: Optional[str] = typer.Option(None, help="local LLaVA-NeXT (e.g. converted PULSE-7B)"),
+             set_: list[str] = typer.Option([], "--set", help="override a config field: key=value")) -> None:
+    """LoRA fine-tune of a LLaVA-NeXT model (PULSE-7B) on instruction data; resumable."""
+    from training.finetune_llm import main
+
+    console.print(f"run: {main(config, list(set_) + ([f'model_path={model_path}'] if model_path else []))}")
+
+
+@app.command("convert-pulse", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def convert_pulse(ctx: typer.Context) -> None:
+    """Convert PULSE-7B (LLaVA repo layout) to the Hugging Face LLaVA-NeXT layout vLLM loads (see --help)."""
+    from training.convert_pulse import main
+
+    console.print(f"converted: {main(list(ctx.args))}")
+
+
+
 @app.command()
 def quickstart(data: Path = typer.Option(None, help="folder holding ptbxl/ and/or ludb/ "
                                          "(default: ../shared/data)"),

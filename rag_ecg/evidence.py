@@ -28,11 +28,16 @@ class Neighbour:
 
 @dataclass
 class Evidence:
-    """Neighbours plus similarity-weighted votes: label -> score in [0, 1]."""
+    """Neighbours plus similarity-weighted votes: label -> score in [0, 1].
+
+    `superclass_scores` are calibrated probabilities (Platt scaling fitted on the reference library);
+    `thresholds` are the per-label decision points chosen on that library (F1-best), when known.
+    """
 
     neighbours: list[Neighbour]
     superclass_scores: dict[str, float] = field(default_factory=dict)
     code_scores: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)  # label -> decision threshold (calibrated)
     k: int = 0
     index_name: str = ""
     encoder_hash: str = ""

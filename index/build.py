@@ -1,0 +1,246 @@
+"""Index build job: cases in the store -> rendered pages -> embeddings -> FAISS (images + report texts).
+
+The result is one self-contained folder (`index/<name>/` by default): the encoder checkpoint it was built
+with, `images.faiss` and `texts.faiss` (each with its manifest), a small JPEG page per case for people to
+look at, and `manifest.json` with the vote calibration. `manifest.json` is written last, so its presence
+means "finished". An interrupted build resumes from its last saved chunk without re-embedding what is done.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from sqlalchemy import select
+
+from rag_ecg import __version__, paths
+from rag_ecg.evaluate import choose_thresholds, knn_scores, labels_to_matrix
+from rag_ecg.records import SUPERCLASSES
+from rag_ecg.retrieve import MANIFEST, Calibration, fit_platt
+from rag_ecg.store import Case, Store, load_case_record, scp_descriptions
+from rag_ecg.vector_index import IndexConfig, VectorIndex
+
+STATE = "build_state.json"
+
+
+@dataclass
+class BuildConfig:
+    """What goes into an index and how its pages are drawn (saved in the index manifest)."""
+
+    sources: list[str] | None = None  # case sources to include (None: all)
+    splits: list[str] | None = field(default_factory=lambda: ["train"])  # PTB-XL splits (None: all); other sources have none
+    include_unsplit: bool = False  # also include cases without a split (e.g. LUDB) — off: keep them for out-of-domain tests
+    preset: str = "clean"  # artifact preset of the reference pages
+    renders_per_case: int = 1  # >1: embed several renders (random layouts/presets) and store their mean
+    dpi: int = 100  # render resolution; the encoder sees ~350 px wide pages, so 100 dpi loses nothing
+    page_width: int = 1100  # width of the JPEG page kept per case for reports and review pages (0: none)
+    batch_size: int = 32  # images per encoder forward pass
+    chunk: int = 256  # cases per saved step (what an interruption can cost)
+    workers: int = 0  # render processes (0: all cores)
+    k: int = 10  # neighbours that vote (calibration is fitted for this k)
+    temperature: float = 0.05  # softmax temperature of the vote
+    index: dict = field(default_factory=dict)  # IndexConfig fields (kind, nlist, ...)
+    limit: int | None = None  # at most this many cases (smoke runs)
+
+    def key(self) -> str:
+        """Hash of the settings that change vectors: a resumed build must have the same one."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "chunk", "workers", "limit")}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def select_cases(store: Store, cfg: BuildConfig) -> list[Case]:
+    with store.session() as s:
+        q = select(Case).order_by(Case.id)
+        if cfg.sources:
+            q = q.where(Case.source.in_(cfg.sources))
+        cases = list(s.scalars(q))
+    if cfg.splits is not None:
+        cases = [c for c in cases if c.split in cfg.splits or (cfg.include_unsplit and c.split is None)]
+    return cases[: cfg.limit] if cfg.limit else cases
+
+
+def _render_job(args) -> tuple[int, list, str | None]:
+    """Worker: read a case's signal, draw its pages, keep one as a JPEG; returns PIL pages for the encoder."""
+    from rag_ecg.render import render_page
+
+    case, preset, n, dpi, page_dir, page_width = args
+    try:
+        rec = load_case_record(case)
+    except ValueError as exc:
+        return case.id, [], str(exc)
+    pages = []
+    for i in range(n):
+        seed = int(hashlib.sha256(f"{case.source}:{case.external_id}:{i}".encode()).hexdigest()[:8], 16)
+        pages.append(render_page(rec, preset=preset if i == 0 else "random", seed=seed, dpi=dpi))
+    if page_dir and page_width:
+        _save_jpeg(pages[0], Path(page_dir) / f"{case.id}.jpg", page_width)
+    return case.id, pages, None
+
+
+def _save_jpeg(img, path: Path, width: int) -> None:
+    h = round(img.height * width / img.width)
+    tmp = path.with_suffix(".tmp")
+    img.resize((width, h)).convert("RGB").save(tmp, "JPEG", quality=85)
+    os.replace(tmp, path)
+
+
+def build_index(store: Store, encoder_dir: str | Path, name: str = "default", out_dir: str | Path | None = None,
+                cfg: BuildConfig | None = None, progress: bool = True,
+                log: Callable[[str], None] = print) -> Path:
+    """Build (or resume) the index `name`; returns its folder."""
+    from rag_ecg.encoder import ECGEncoder, case_text
+
+    cfg = cfg or BuildConfig()
+    out = Path(out_dir) if out_dir else paths.index_dir() / name
+    out.mkdir(parents=True, exist_ok=True)
+    encoder = ECGEncoder.load(encoder_dir)
+    state_path = out / STATE
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if state and (state.get("key") != cfg.key() or state.get("encoder_hash") != encoder.checkpoint_hash):
+        log(f"{out}: settings or encoder changed since the last build; starting over")
+        for f in ("images.faiss", "images.json", "texts.faiss", "texts.json", MANIFEST):
+            (out / f).unlink(missing_ok=True)
+        state = {}
+    (out / MANIFEST).unlink(missing_ok=True)  # not finished until written again
+    if not state:
+        _copy_encoder(Path(encoder_dir), out / "encoder")
+        state = {"key": cfg.key(), "encoder_hash": encoder.checkpoint_hash, "skipped": {}}
+        _write_json(state_path, state)
+    encoder = ECGEncoder.load(out / "encoder")
+    if encoder.checkpoint_hash != state["encoder_hash"]:
+        raise RuntimeError(f"{out / 'encoder'}: encoder copy does not match the build state; delete {out}")
+
+    cases = select_cases(store, cfg)
+    if not cases:
+        raise ValueError("no cases match the build settings (ingest data first, or change --split/--source)")
+    icfg = IndexConfig.from_dict(cfg.index)
+    img_path = out / "images.faiss"
+    images = (VectorIndex.load(img_path, expected_encoder_hash=encoder.checkpoint_hash) if img_path.exists()
+              else VectorIndex(encoder.embed_dim, icfg, encoder_hash=encoder.checkpoint_hash))
+    skipped: dict = state.get("skipped", {})
+    todo = [c for c in cases if c.id not in images and str(c.id) not in skipped]
+    page_dir = out / "pages" if cfg.page_width else None
+    if page_dir:
+        page_dir.mkdir(exist_ok=True)
+    log(f"index {name}: {len(cases)} cases, {len(cases) - len(todo)} already embedded")
+    with _progress(progress) as bar:
+        task = bar.add_task("render + embed", total=len(cases), completed=len(cases) - len(todo))
+        for chunk in _chunks(todo, cfg.chunk):
+            ids, vecs = _embed_chunk(chunk, cfg, encoder, page_dir, skipped, log)
+            if ids:
+                images.add(np.array(ids, np.int64), np.stack(vecs))
+            images.save(img_path)
+            state["skipped"] = skipped
+            _write_json(state_path, state)
+            bar.advance(task, len(chunk))
+
+        with store.session() as s:
+            descriptions = scp_descriptions(s)
+        done = [c for c in cases if c.id in images]
+        texts = VectorIndex(encoder.embed_dim, icfg, encoder_hash=encoder.checkpoint_hash)
+        ttask = bar.add_task("report texts", total=len(done))
+        for chunk in _chunks(done, 512):
+            emb = encoder.embed_texts([case_text(c.report, c.codes or {}, descriptions) for c in chunk])
+            texts.add(np.array([c.id for c in chunk], np.int64), emb)
+            bar.advance(ttask, len(chunk))
+        texts.save(out / "texts.faiss")
+
+    calibration = calibrate(images, done, cfg)
+    manifest = {
+        "name": name, "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rag_ecg_version": __version__, "encoder_hash": encoder.checkpoint_hash,
+        "store": repr(store), "count": images.ntotal, "skipped": skipped, "build": asdict(cfg),
+        "calibration": asdict(calibration),
+    }
+    _write_json(out / MANIFEST, manifest)
+    log(f"index {name}: {images.ntotal} cases embedded, {len(skipped)} skipped -> {out}")
+    return out
+
+
+def _embed_chunk(chunk: list[Case], cfg: BuildConfig, encoder, page_dir, skipped: dict, log):
+    jobs = [(c, cfg.preset, cfg.renders_per_case, cfg.dpi, page_dir, cfg.page_width) for c in chunk]
+    workers = cfg.workers or os.cpu_count() or 1
+    ids, vecs = [], []
+    rendered = []
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            rendered = list(pool.map(_render_job, jobs, chunksize=4))
+    else:
+        rendered = [_render_job(j) for j in jobs]
+    for start in range(0, len(rendered), cfg.batch_size):
+        part = [r for r in rendered[start:start + cfg.batch_size] if r[2] is None]
+        for cid, _, err in rendered[start:start + cfg.batch_size]:
+            if err:
+                skipped[str(cid)] = err
+                log(f"skipped case {cid}: {err}")
+        if not part:
+            continue
+        flat = [p for _, pages, _ in part for p in pages]
+        emb = encoder.embed_images(flat).reshape(len(part), cfg.renders_per_case, -1).mean(axis=1)
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        ids += [cid for cid, _, _ in part]
+        vecs += list(emb.astype(np.float32))
+    return ids, vecs
+
+
+def calibrate(images: VectorIndex, cases: list[Case], cfg: BuildConfig) -> Calibration:
+    """Leave-one-patient-out votes on the library -> Platt scaling, F1 thresholds, the not-an-ECG floor."""
+    by_id = {c.id: c for c in cases}
+    ids = images.ids
+    vecs = images.vectors(ids)
+    y = labels_to_matrix([by_id[int(i)].labels or [] for i in ids], SUPERCLASSES)
+    groups = [by_id[int(i)].patient_id or f"case{int(i)}" for i in ids]
+    if len(ids) < 3:
+        return Calibration(temperature=cfg.temperature, k=cfg.k)
+    votes = knn_scores(vecs, vecs, y, cfg.k, cfg.temperature, groups, groups)
+    platt, thresholds = {}, {}
+    for j, lab in enumerate(SUPERCLASSES):
+        if 0 < y[:, j].sum() < len(y):
+            a, b = fit_platt(votes[:, j], y[:, j])
+            platt[lab] = [a, b]
+    cal = Calibration(temperature=cfg.temperature, k=cfg.k, platt=platt)
+    probs = np.array([[cal.probability(lab, v) for lab, v in zip(SUPERCLASSES, row)] for row in votes])
+    for lab, t in zip(SUPERCLASSES, choose_thresholds(y, probs)):
+        if np.isfinite(t):
+            thresholds[lab] = float(t)
+    sims = vecs @ vecs.T
+    same = np.array(groups)[:, None] == np.array(groups)[None, :]
+    top = np.where(same, -np.inf, sims).max(axis=1)
+    # Real ECG pages never fell below this similarity to their nearest other-patient case; allow a margin.
+    floor = float(np.quantile(top, 0.001) - 0.5 * (np.median(top) - np.quantile(top, 0.001)))
+    cal.thresholds, cal.min_top_score = thresholds, floor
+    return cal
+
+
+def _copy_encoder(src: Path, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), disable=not enabled)

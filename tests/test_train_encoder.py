@@ -1,0 +1,135 @@
+"""The encoder recipe: the loss falls on real rendered ECGs; a real run trains, logs, resumes, evaluates."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.train_encoder import (EncoderTrainConfig, EpochBatches, Objective, _train_module_class,
+                                    load_config, lr_lambda, main, param_groups, render_seed)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "training" / "configs" / "encoder_tiny.yaml"
+
+
+def test_configs_load_and_reject_unknown_fields():
+    for name in ("encoder_tiny.yaml", "encoder_cpu.yaml", "encoder_gpu.yaml"):
+        cfg = load_config(ROOT / "training" / "configs" / name)
+        assert cfg.train_folds == [1, 2, 3, 4, 5, 6, 7, 8] and cfg.val_folds == [9]
+    cfg = load_config(TINY, ["epochs=7", "eval-presets=[clean]", "lr=1e-4"])
+    assert (cfg.epochs, cfg.eval_presets, cfg.lr) == (7, ["clean"], 1e-4)
+    with pytest.raises(ValueError, match="unknown config field\\(s\\) epoch$"):
+        load_config(TINY, {"epoch": 3})
+    with pytest.raises(ValueError, match="batch_size: contrastive training needs at least 2"):
+        EncoderTrainConfig(batch_size=1)
+    with pytest.raises(FileNotFoundError, match="nope.yaml: config file not found"):
+        load_config("nope.yaml")
+
+
+def test_epoch_batches_shard_permute_and_repeat_exactly():
+    a = EpochBatches(10, 2, seed=3, start_epoch=0, epochs=2, rank=0, world=2)
+    b = EpochBatches(10, 2, seed=3, start_epoch=0, epochs=2, rank=1, world=2)
+    ba, bb = list(a), list(b)
+    assert len(ba) == len(a) == 4  # 5 cases per rank -> 2 full batches per epoch
+    e0 = {i for batch in ba[:2] + bb[:2] for e, i in batch}
+    assert len(e0) == 8 and all(e == 0 for batch in ba[:2] for e, _ in batch)  # disjoint shards
+    assert [i for bt in ba[:2] for _, i in bt] != [i for bt in ba[2:] for _, i in bt]  # a new order per epoch
+    resumed = list(EpochBatches(10, 2, seed=3, start_epoch=1, epochs=2, rank=0, world=2))
+    assert resumed == ba[2:]  # a resumed run sees the very batches it would have
+    assert render_seed(0, 1, 2) == render_seed(0, 1, 2) != render_seed(0, 2, 1)
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        EpochBatches(3, 4, 0, 0, 1)
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    f = lr_lambda(warmup=4, total=20, floor=0.1)
+    assert [round(f(s), 3) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0) and f(12) == pytest.approx(0.55) and f(20) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(4, 30))
+
+
+def test_loss_falls_on_a_fixed_batch_of_real_rendered_ecgs(ptbxl_dir):
+    """Overfit 8 real PTB-XL pages with their real report texts: ClipLoss + aux BCE must drop."""
+    import torch
+
+    from rag_ecg.encoder import ECGEncoder, case_text
+    from rag_ecg.evaluate import labels_to_matrix
+    from rag_ecg.records import SUPERCLASSES, ptbxl_record, read_ptbxl_index
+    from rag_ecg.render import render_page
+
+    rows, statements = read_ptbxl_index(ptbxl_dir)
+    desc = {c: s.description for c, s in statements.items()}
+    picked, seen = [], set()
+    for r in rows:  # 8 distinct report texts: identical texts would floor the CLIP loss at log(#copies)
+        text = case_text(r.report, r.codes, desc)
+        if text not in seen:
+            seen.add(text)
+            picked.append(r)
+        if len(picked) == 8:
+            break
+    recs = [ptbxl_record(r) for r in picked]
+    enc = ECGEncoder.create("ecg-clip-tiny", seed=0, aux_classes=SUPERCLASSES)
+    pixels = torch.from_numpy(np.stack([enc.preprocess.pixels(render_page(r, preset="random", seed=i, dpi=40))
+                                        for i, r in enumerate(recs)]))
+    x = enc.preprocess.normalize(pixels)
+    tok = enc.tokenizer([case_text(r.report, r.codes, desc) for r in recs])
+    y = torch.from_numpy(labels_to_matrix([r.labels for r in recs]).astype(np.float32))
+    module = _train_module_class()(enc)
+    opt = torch.optim.AdamW(param_groups(module, 0.0), lr=3e-3)
+    objective = Objective(aux_weight=1.0)
+    module.train()
+    losses = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: a second thread only spin-waits on a shared machine
+    try:
+        for _ in range(25):
+            loss, parts = objective(*module(x, tok), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(parts)
+    finally:
+        torch.set_num_threads(threads)
+    first, last = losses[0], losses[-1]
+    assert last["loss"] < 0.5 * first["loss"], (first, last)
+    assert last["clip_loss"] < first["clip_loss"] and last["aux_loss"] < first["aux_loss"]
+
+
+def test_recipe_trains_logs_resumes_and_evaluates(ingested_store, tmp_path):
+    """Two epochs of the tiny recipe on the real store, then a third resumed from run_dir/last."""
+    from rag_ecg.encoder import ECGEncoder
+
+    run = tmp_path / "run"
+    over = {"db": ingested_store.url, "run_dir": str(run), "epochs": 1, "batch_size": 8}
+    out = main(TINY, over)
+    assert out == run / "encoder"
+    enc = ECGEncoder.load(out)
+    m = enc.manifest
+    assert m["training"]["epochs_done"] == 1 and m["training"]["stopped"] == "completed"
+    assert m["training_data_hash"] and len(m["training_data_hash"]) == 64
+    for preset in ("random", "clean"):
+        for key in ("auc", "auc_binarized", "f1", "hamming", "image_to_report/R@1", "report_to_image/R@5"):
+            v = m["metrics"][f"{preset}/{key}"]
+            assert 0.0 <= v <= 1.0, (preset, key, v)
+    assert m["metrics"]["library_size"] == 68 and m["metrics"]["n_queries"] == 12
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in lines if "train_loss" in r]
+    assert [r["epoch"] for r in epochs] == [1]
+    assert all("val_clip_loss" in r and "val_aux_auc" in r for r in epochs)
+    assert any("final" in r for r in lines)
+    steps = [r for r in lines if "step" in r and "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 68 // 8 + 1))
+
+    # resume: a second epoch continues from the saved optimizer/scheduler state
+    out2 = main(TINY, {**over, "epochs": 2, "final_eval": False})
+    lines2 = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()][len(lines):]
+    assert [r["epoch"] for r in lines2 if "train_loss" in r] == [2]
+    assert [r["step"] for r in lines2 if "loss" in r] == list(range(68 // 8 + 1, 2 * (68 // 8) + 1))
+    enc2 = ECGEncoder.load(out2)
+    assert enc2.manifest["training"]["epochs_done"] == 2 and enc2.checkpoint_hash != enc.checkpoint_hash
+
+    # a changed optimisation config refuses to resume into the same run (before reading any data)
+    with pytest.raises(ValueError, match="saved run used another config"):
+        main(TINY, {**over, "epochs": 3, "lr": 0.01, "final_eval": False})
