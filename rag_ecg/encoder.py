@@ -200,6 +200,12 @@ class ECGEncoder:
         self.tokenizer = Tokenizer(int(model_cfg["text_cfg"].get("context_length", 77)))
         self._hash: str | None = self.manifest.get("weights_sha256")
         self.load_warnings: list[str] = []  # library versions that differ from the ones that saved it
+        # CNN towers run ~25% faster channels-last on CPU (oneDNN); ViTs gain nothing from it
+        self.channels_last = "timm_model_name" in model_cfg.get("vision_cfg", {})
+        if self.channels_last:
+            import torch
+
+            self.model.visual.to(memory_format=torch.channels_last)
         self.model.eval()
 
     # ------------------------------------------------------------ construction
@@ -288,9 +294,16 @@ class ECGEncoder:
                              f"uint8, got {tuple(x.shape)}")
         self.model.eval()
         with torch.inference_mode():
-            x = self.preprocess.normalize(x.to(self.device, non_blocking=True))
-            feats = self.model.encode_image(x)
+            feats = self.model.encode_image(self.model_input(x))
             return F.normalize(feats.float(), dim=-1).cpu().numpy().astype(np.float32)
+
+    def model_input(self, pixels: "torch.Tensor") -> "torch.Tensor":
+        """(n, H, W, 3) uint8 -> (n, 3, H, W) normalised float32 on the encoder's device, in the memory
+        format the image tower runs fastest in (training and embedding share this)."""
+        import torch
+
+        x = self.preprocess.normalize(pixels.to(self.device, non_blocking=True))
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
         """Report texts -> (n, embed_dim) float32, rows L2-normalised."""

@@ -75,3 +75,16 @@ def ingested_store(tmp_path_factory, ptbxl_dir, ludb_dir):
     ingest(store, "ludb", ludb_dir, limit=N_LUDB, progress=False, log=lambda m: None)
     yield store
     store.dispose()
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tmp_path_factory, ingested_store) -> dict:
+    """A tiny random-init encoder and a real index built from the small store's training split."""
+    from index.build import BuildConfig, build_index
+    from rag_ecg.encoder import ECGEncoder
+
+    base = tmp_path_factory.mktemp("tiny_index")
+    ECGEncoder.create("ecg-clip-tiny", seed=0).save(base / "encoder")
+    build_index(ingested_store, base / "encoder", name="tiny", out_dir=base / "index",
+                cfg=BuildConfig(workers=1, page_width=400), progress=False, log=lambda m: None)
+    return {"encoder": base / "encoder", "index": base / "index", "db": ingested_store.url}

@@ -73,7 +73,7 @@ def test_loss_falls_on_a_fixed_batch_of_real_rendered_ecgs(ptbxl_dir):
     enc = ECGEncoder.create("ecg-clip-tiny", seed=0, aux_classes=SUPERCLASSES)
     pixels = torch.from_numpy(np.stack([enc.preprocess.pixels(render_page(r, preset="random", seed=i, dpi=40))
                                         for i, r in enumerate(recs)]))
-    x = enc.preprocess.normalize(pixels)
+    x = enc.model_input(pixels)
     tok = enc.tokenizer([case_text(r.report, r.codes, desc) for r in recs])
     y = torch.from_numpy(labels_to_matrix([r.labels for r in recs]).astype(np.float32))
     module = _train_module_class()(enc)

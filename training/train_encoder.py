@@ -489,7 +489,7 @@ def _train(cfg: EncoderTrainConfig, store=None) -> Path:
             task = progress.add(f"epoch {epoch + 1}/{plan['end']}", steps_per_epoch)
             for _ in range(steps_per_epoch):
                 pixels, tok, labels = next(it)
-                pixels = encoder.preprocess.normalize(pixels.to(dev, non_blocking=True))
+                pixels = encoder.model_input(pixels)
                 tok, labels = tok.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
                 with autocast:
                     img, txt, scale, aux = ddp(pixels, tok)
