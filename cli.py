@@ -302,22 +302,31 @@ def convert_pulse(ctx: typer.Context) -> None:
 
 
 @app.command()
-def quickstart(data: Path = typer.Option(None, help="folder holding ptbxl/ and/or ludb/ "
-                                         "(default: ../shared/data)"),
-               db: Optional[str] = DbOpt) -> None:
-    """The end-to-end demo on the embedded defaults: ingest the real data and summarise it."""
-    from index.ingest import ingest as run_ingest
+def quickstart(data: Path = typer.Option(None, help="folder holding ptbxl/ and/or ludb/ (default: ../shared/data)"),
+               db: Optional[str] = DbOpt,
+               encoder: Optional[Path] = typer.Option(None, help="use this encoder checkpoint instead of training"),
+               minutes: float = typer.Option(8.0, help="training time cap for the CPU encoder"),
+               charts: int = typer.Option(60, help="fold-9 PTB-XL records to review as photographed charts")) -> None:
+    """The whole pipeline on the embedded defaults: ingest, train (or reuse) the encoder, build the index,
+    review fold-9 records rendered as `photo` charts with the retrieval reader, print metrics."""
+    from index.quickstart import run
 
-    data = data or paths.shared_data_dir()
     store = _store(db)
-    found = [(name, data / name) for name in ("ptbxl", "ludb") if (data / name).is_dir()]
-    if not found:
-        err.print(f"[red]error:[/] {data}: no ptbxl/ or ludb/ folder (pass --data)")
-        raise typer.Exit(2)
-    for name, folder in found:
-        res = run_ingest(store, name, folder, log=lambda m: err.print(m, highlight=False))
-        console.print(f"{name}: {res.inserted} new, {res.updated} updated, {len(res.skipped)} skipped")
+    try:
+        res = run(store, data or paths.shared_data_dir(), encoder=encoder, minutes=minutes, charts=charts,
+                  log=lambda m: console.print(m, highlight=False))
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        _fail(exc)
     print_summary(store)
+    m = res["metrics"]
+    table = Table(title=f"retrieval reader on {m.get('charts', 0)} fold-9 photo charts (PTB-XL superclasses)")
+    for col in ("macro AUC (scores)", "macro AUC (binary)", "macro F1", "Hamming loss", "citations valid"):
+        table.add_column(col, justify="right")
+    if m.get("charts"):
+        table.add_row(*[f"{m[k]:.3f}" for k in ("macro_auc_scores", "macro_auc_binary", "macro_f1",
+                                                 "hamming_loss", "citations_valid")])
+    console.print(table)
+    console.print(f"review page: {res['review_html']}")
 
 
 if __name__ == "__main__":

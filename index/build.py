@@ -154,7 +154,7 @@ def build_index(store: Store, encoder_dir: str | Path, name: str = "default", ou
             bar.advance(ttask, len(chunk))
         texts.save(out / "texts.faiss")
 
-    calibration = calibrate(images, done, cfg)
+    calibration = calibrate(images, done, cfg, _artifact_top_scores(images, done, cfg, encoder))
     manifest = {
         "name": name, "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rag_ecg_version": __version__, "encoder_hash": encoder.checkpoint_hash,
@@ -192,7 +192,31 @@ def _embed_chunk(chunk: list[Case], cfg: BuildConfig, encoder, page_dir, skipped
     return ids, vecs
 
 
-def calibrate(images: VectorIndex, cases: list[Case], cfg: BuildConfig) -> Calibration:
+def _artifact_top_scores(images: VectorIndex, cases: list[Case], cfg: BuildConfig, encoder,
+                         n: int = 48) -> np.ndarray:
+    """Best other-patient similarity of library ECGs drawn as photos/scans: what real queries look like."""
+    rng = np.random.default_rng(0)
+    pick = [cases[i] for i in sorted(rng.choice(len(cases), size=min(n, len(cases)), replace=False))]
+    from rag_ecg.render import render_page
+
+    pages, groups = [], []
+    for i, c in enumerate(pick):
+        try:
+            rec = load_case_record(c)
+        except ValueError:
+            continue
+        pages.append(render_page(rec, preset=("photo", "scan", "random")[i % 3], seed=1000 + i, dpi=cfg.dpi))
+        groups.append(c.patient_id or f"case{c.id}")
+    if not pages:
+        return np.zeros(0)
+    scores, ids = images.search(encoder.embed_images(pages), min(images.ntotal, 32))
+    patient = {c.id: c.patient_id or f"case{c.id}" for c in cases}
+    return np.array([max((s for s, i in zip(srow, irow) if i >= 0 and patient.get(int(i)) != g), default=-1.0)
+                     for srow, irow, g in zip(scores, ids, groups)])
+
+
+def calibrate(images: VectorIndex, cases: list[Case], cfg: BuildConfig,
+              artifact_top: np.ndarray | None = None) -> Calibration:
     """Leave-one-patient-out votes on the library -> Platt scaling, F1 thresholds, the not-an-ECG floor."""
     by_id = {c.id: c for c in cases}
     ids = images.ids
@@ -215,7 +239,10 @@ def calibrate(images: VectorIndex, cases: list[Case], cfg: BuildConfig) -> Calib
     sims = vecs @ vecs.T
     same = np.array(groups)[:, None] == np.array(groups)[None, :]
     top = np.where(same, -np.inf, sims).max(axis=1)
-    # Real ECG pages never fell below this similarity to their nearest other-patient case; allow a margin.
+    if artifact_top is not None and len(artifact_top):
+        top = np.concatenate([top, artifact_top])
+    # Real ECG pages (clean, and photographed/scanned renders) never fell below this similarity to their
+    # nearest other-patient case; allow a margin.
     floor = float(np.quantile(top, 0.001) - 0.5 * (np.median(top) - np.quantile(top, 0.001)))
     cal.thresholds, cal.min_top_score = thresholds, floor
     return cal

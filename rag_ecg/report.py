@@ -96,11 +96,12 @@ class RetrievalInfo:
     index_name: str = ""
     encoder_hash: str = ""
     cases: list[CaseRef] = field(default_factory=list)
+    superclass_scores: dict[str, float] = field(default_factory=dict)  # the neighbours' calibrated votes
 
     @classmethod
     def from_evidence(cls, evidence: "Evidence") -> "RetrievalInfo":
         return cls(k=evidence.k or len(evidence.neighbours), index_name=evidence.index_name,
-                   encoder_hash=evidence.encoder_hash,
+                   encoder_hash=evidence.encoder_hash, superclass_scores=dict(evidence.superclass_scores),
                    cases=[CaseRef(n.case_id, n.source, n.external_id, float(n.score), n.image_path)
                           for n in evidence.neighbours])
 

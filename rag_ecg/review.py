@@ -366,7 +366,9 @@ def open_chart(kind: str, path: str, meta: dict, preset: str = "clean", dpi: int
         rec = load_case_record(case)
     else:
         raise ValueError(f"{path}: unknown chart kind {kind!r}")
-    return render_page(rec, preset=preset, seed=0, dpi=dpi)
+    # A seed per chart: a clean page is the same either way, but artifact presets should differ chart to chart.
+    seed = int(hashlib.sha256((key or path).encode()).hexdigest()[:8], 16) if preset != "clean" else 0
+    return render_page(rec, preset=preset, seed=seed, dpi=dpi)
 
 
 def jpeg_bytes(image: "Image.Image", width: int, quality: int = 80) -> bytes:
