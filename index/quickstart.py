@@ -1,4 +1,4 @@
-"""The one-command demo: ingest -> encoder (train or reuse) -> index -> review of fold-9 `photo` charts -> metrics.
+"""The one-command demo: ingest -> encoder (train or reuse) -> index -> fold-9 `photo` charts reviewed and scored.
 
 Every step reuses what an earlier run finished (ingest is idempotent, a trained encoder and a finished index
 are kept under the data folder, the review job resumes), so re-running costs little.
@@ -10,13 +10,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-from sqlalchemy import select
-
 from rag_ecg import paths
-from rag_ecg.evaluate import labels_to_matrix, macro_auc, macro_f1, hamming_loss
-from rag_ecg.records import SUPERCLASSES
-from rag_ecg.store import Case, ReviewItem, Store
+from rag_ecg.store import Store
 
 
 def ensure_encoder(store: Store, encoder: Path | None, minutes: float, log: Callable[[str], None]) -> Path:
@@ -26,19 +21,17 @@ def ensure_encoder(store: Store, encoder: Path | None, minutes: float, log: Call
     run_dir = paths.data_dir() / "runs" / "encoder-quickstart"
     from rag_ecg.encoder import ECGEncoder
 
-    for cand in (run_dir / "final", run_dir / "best", run_dir):
-        if (cand / "manifest.json").exists():
-            try:
-                ECGEncoder.load(cand)
-                log(f"reusing encoder {cand}")
-                return cand
-            except Exception:  # an unfinished or foreign folder: train again
-                pass
+    final = run_dir / "encoder"  # the recipe writes its finished checkpoint here (an interrupted run resumes)
+    if (final / "manifest.json").exists():
+        ECGEncoder.load(final)
+        log(f"reusing encoder {final}")
+        return final
     from training.train_encoder import main
 
     log(f"training the CPU encoder for up to {minutes:g} minutes (training/configs/encoder_cpu.yaml)")
     return Path(main(paths.PROJECT_ROOT / "training/configs/encoder_cpu.yaml",
-                     {"run_dir": str(run_dir), "max_minutes": minutes, "db": store.url}))
+                     {"run_dir": str(run_dir), "max_minutes": minutes, "db": store.url,
+                      "final_eval": False}))
 
 
 def ensure_index(store: Store, encoder: Path, name: str, log: Callable[[str], None]) -> Path:
@@ -54,39 +47,10 @@ def ensure_index(store: Store, encoder: Path, name: str, log: Callable[[str], No
     return build_index(store, encoder, name=name, log=log)
 
 
-def review_metrics(store: Store, job_id: int) -> dict:
-    """Superclass detection of the retrieval reader vs the cases' own labels (ECGBench-style metrics)."""
-    with store.session() as s:
-        items = s.execute(select(ReviewItem.chart_key, ReviewItem.report, ReviewItem.status)
-                          .where(ReviewItem.job_id == job_id)).all()
-        ids = [int(k.split(":", 1)[1]) for k, _, st in items if st == "done" and k.startswith("case:")]
-        labels = {c.id: c.labels or [] for c in s.scalars(select(Case).where(Case.id.in_(ids)))}
-    truth, scores, preds, cites_ok = [], [], [], []
-    for key, rep, status in items:
-        if status != "done" or not key.startswith("case:"):
-            continue
-        conf = {d.get("superclass"): float(d.get("confidence") or 0) for d in rep.get("diagnoses", [])
-                if d.get("superclass")}
-        probs = rep.get("retrieval", {}).get("superclass_scores") or {}
-        truth.append(labels[int(key.split(":", 1)[1])])
-        scores.append([float(probs.get(c, conf.get(c, 0.0))) for c in SUPERCLASSES])
-        preds.append([c in conf for c in SUPERCLASSES])
-        retrieved = {c["case_id"] for c in rep.get("retrieval", {}).get("cases", [])}
-        cited = {i for d in rep.get("diagnoses", []) for i in d.get("cited", [])}
-        cites_ok.append(cited <= retrieved)
-    if not truth:
-        return {"charts": 0}
-    y = labels_to_matrix(truth, SUPERCLASSES)
-    s_, p = np.array(scores), np.array(preds, dtype=float)
-    return {"charts": len(truth), "macro_auc_scores": macro_auc(y, s_), "macro_auc_binary": macro_auc(y, p),
-            "macro_f1": macro_f1(y, p), "hamming_loss": hamming_loss(y, p),
-            "citations_valid": float(np.mean(cites_ok))}
-
-
 def run(store: Store, data: Path, encoder: Path | None = None, minutes: float = 8.0, charts: int = 60,
         index_name: str = "default", log: Callable[[str], None] = print) -> dict:
     from index.ingest import ingest
-    from rag_ecg.review import review
+    from rag_ecg.pipeline_eval import EvalConfig, load_labelled, run_eval
 
     found = [(n, data / n) for n in ("ptbxl", "ludb") if (data / n).is_dir()]
     if not found:
@@ -96,12 +60,15 @@ def run(store: Store, data: Path, encoder: Path | None = None, minutes: float = 
         log(f"{name}: {res.inserted} new, {res.updated} updated, {len(res.skipped)} skipped")
     enc = ensure_encoder(store, encoder, minutes, log)
     index = ensure_index(store, enc, index_name, log)
-    out = paths.data_dir() / "quickstart" / "review"
-    summary = review(f"store:source=ptbxl,fold=9,limit={charts}", out, store=store, index_dir=index,
-                     backend="retrieval", preset="photo", workers=min(2, os.cpu_count() or 1),
-                     backend_options={"threshold": None})  # None: the F1-best thresholds fitted on the library
-    metrics = review_metrics(store, summary.job_id)
-    result = {"encoder": str(enc), "index": str(index), "review_html": str(out / "index.html"),
-              "review": summary.to_dict(), "metrics": metrics}
-    (paths.data_dir() / "quickstart" / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
-    return result
+    if not (data / "ptbxl").is_dir():
+        raise FileNotFoundError(f"{data}: the quickstart reviews PTB-XL fold-9 records: no ptbxl/ folder")
+    out = paths.data_dir() / "quickstart"
+    # fold 9 is never in the index (it holds the training split only): these are unseen patients
+    labelled = load_labelled(data / "ptbxl", "val", limit=charts)
+    result = run_eval(labelled, out, store, index, EvalConfig(presets=["photo"], workers=min(2, os.cpu_count() or 1)),
+                      log=log)
+    metrics = result["presets"]["photo"]
+    summary = {"encoder": str(enc), "index": str(index), "review_html": metrics.get("review_html"),
+               "metrics": metrics, "eval_json": str(out / "eval.json")}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

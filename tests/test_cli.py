@@ -58,3 +58,47 @@ def test_bad_query_is_one_clear_line(tiny_index, tmp_path):
     bad.write_text("not an image")
     res = runner.invoke(app, ["search", str(bad), "--index", str(tiny_index["index"]), "--db", tiny_index["db"]])
     assert res.exit_code == 2 and "ecg-07.jpg" in res.output
+
+
+def _small_ptbxl(src, dst, n_train: int = 40, n_val: int = 4):
+    """A PTB-XL-layout folder (what --data accepts) with a few records of folds 1-8 and of fold 9."""
+    import csv
+
+    dst.mkdir(parents=True)
+    (dst / "records100").symlink_to(src / "records100")
+    (dst / "scp_statements.csv").write_bytes((src / "scp_statements.csv").read_bytes())
+    with open(src / "ptbxl_database.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows, fields = list(reader), reader.fieldnames
+    train = [r for r in rows if int(float(r["strat_fold"])) <= 8][:n_train]
+    val = [r for r in rows if int(float(r["strat_fold"])) == 9][:n_val]
+    with open(dst / "ptbxl_database.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(train + val)
+
+
+def test_quickstart_then_eval_on_a_user_folder(tiny_index, ptbxl_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAG_ECG_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAG_ECG_INDEX_DIR", str(tmp_path / "indexes"))
+    _small_ptbxl(ptbxl_dir, tmp_path / "data" / "ptbxl")
+    db = f"sqlite:///{tmp_path / 'qs.db'}"
+    args = ["quickstart", "--data", str(tmp_path / "data"), "--encoder", str(tiny_index["encoder"]),
+            "--charts", "3", "--db", db]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "review page:" in res.output and "index.html" in res.output
+    metrics = json.loads((tmp_path / "home" / "quickstart" / "metrics.json").read_text())
+    assert metrics["metrics"]["charts"] == 3 and metrics["metrics"]["citations_valid"] == 1.0
+    assert (tmp_path / "indexes" / "default" / "manifest.json").is_file()
+    assert "reusing index" in runner.invoke(app, args).output  # a rerun reuses what is done
+
+    out = tmp_path / "ev"
+    res = runner.invoke(app, ["eval", "--data", str(tmp_path / "data" / "ptbxl"), "--presets", "clean,scan",
+                              "--db", db, "--out", str(out), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["set"] == "ptbxl fold 9" and list(ev["presets"]) == ["clean", "scan"]
+    assert all(m["charts"] == 4 and m["citations_valid"] == 1.0 for m in ev["presets"].values())
+    bad = runner.invoke(app, ["eval", "--data", str(tmp_path / "nowhere"), "--db", db])
+    assert bad.exit_code == 1 and "nowhere: no such file or folder" in bad.output
