@@ -131,7 +131,7 @@ def _ludb_set(root: Path) -> LabelledSet:
             skipped.append(f"{p}: no diagnoses in the header comments")
             continue
         charts.append(LabelledChart(str(p) + ".hea", rec.record_id, list(rec.labels)))
-    return LabelledSet("ludb", f"{root.name} (LUDB layout)", charts, skipped)
+    return LabelledSet("ludb", root.name, charts, skipped)
 
 
 def _split_labels(text: str) -> list[str]:
