@@ -88,3 +88,21 @@ def tiny_index(tmp_path_factory, ingested_store) -> dict:
     build_index(ingested_store, base / "encoder", name="tiny", out_dir=base / "index",
                 cfg=BuildConfig(workers=1, page_width=400), progress=False, log=lambda m: None)
     return {"encoder": base / "encoder", "index": base / "index", "db": ingested_store.url}
+
+
+@pytest.fixture
+def scratch_store(tmp_path, ingested_store):
+    """A writable copy of the small store (same case ids, so `tiny_index` resolves in it): tests that add
+    review jobs write here, never into the shared session store."""
+    import sqlite3
+
+    from rag_ecg.store import open_store
+
+    src = sqlite3.connect(ingested_store.url.removeprefix("sqlite:///"))
+    dst = sqlite3.connect(tmp_path / "scratch.db")
+    src.backup(dst)
+    dst.close()
+    src.close()
+    store = open_store(f"sqlite:///{tmp_path / 'scratch.db'}")
+    yield store
+    store.dispose()

@@ -80,10 +80,10 @@ def test_labelled_images_csv_skips_bad_rows(tmp_path):
         load_labelled(tmp_path / "empty")
 
 
-def test_run_eval_end_to_end_and_resumes(tmp_path, ptbxl_dir, tiny_index, ingested_store):
+def test_run_eval_end_to_end_and_resumes(tmp_path, ptbxl_dir, tiny_index, scratch_store):
     labelled = load_labelled(ptbxl_dir, "val", limit=4)
     cfg = EvalConfig(presets=["clean", "photo"], workers=1)
-    res = run_eval(labelled, tmp_path / "ev", ingested_store, tiny_index["index"], cfg, progress=False,
+    res = run_eval(labelled, tmp_path / "ev", scratch_store, tiny_index["index"], cfg, progress=False,
                    log=lambda m: None)
     assert list(res["presets"]) == ["clean", "photo"]
     for m in res["presets"].values():
@@ -94,7 +94,7 @@ def test_run_eval_end_to_end_and_resumes(tmp_path, ptbxl_dir, tiny_index, ingest
     assert saved["presets"]["photo"]["macro_f1"] == res["presets"]["photo"]["macro_f1"]
     md = (tmp_path / "ev" / "eval.md").read_text()
     assert "| clean | 4 |" in md and "| photo | 4 |" in md
-    again = run_eval(labelled, tmp_path / "ev", ingested_store, tiny_index["index"], cfg, progress=False,
+    again = run_eval(labelled, tmp_path / "ev", scratch_store, tiny_index["index"], cfg, progress=False,
                      log=lambda m: None)  # the jobs are done: nothing is reviewed twice, same figures
     assert again["presets"] == res["presets"] | {p: {**res["presets"][p], "charts_per_s": 0.0}
                                                   for p in res["presets"]}
