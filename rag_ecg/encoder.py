@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-MODEL_NAMES = ("ecg-clip-tiny", "ecg-clip-cpu", "ecg-clip-b16")
+MODEL_NAMES = ("ecg-clip-tiny", "ecg-clip-cpu", "ecg-clip-trace", "ecg-clip-b16")
 FORMAT = "rag-ecg-encoder/1"
 MANIFEST = "manifest.json"
 WEIGHTS = "open_clip_model.safetensors"
@@ -165,6 +165,11 @@ class Preprocess:
 
         return self.normalize(torch.from_numpy(self.pixels(image))[None])[0]
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one `pixels()` array: (height, width, 3) uint8."""
+        return (self.height, self.width, 3)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -174,7 +179,108 @@ class Preprocess:
                 "interpolation": "bicubic", "resize_mode": "longest", "fill_color": self.fill}
 
 
-def _preprocess_for(model_cfg: dict) -> Preprocess:
+@dataclass(frozen=True)
+class TracePreprocess:
+    """Page -> digitised 12-lead traces (`rag_ecg.digitize`) -> (24, N) float32: traces, then where printed.
+
+    The trace tower's input. A page the digitiser cannot read (no trace rows) gives all zeros, and
+    `last_failed` says so; it still embeds (as "nothing legible"), so a batch never dies on one page.
+    """
+
+    n_samples: int = 1000  # samples on the canonical 10-s axis (digitize.N_SAMPLES)
+    kind: str = "trace"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (24, self.n_samples)
+
+    def pixels(self, image: "Image.Image") -> np.ndarray:
+        """PIL page (any mode/size) -> (24, n_samples) float32 model input."""
+        from rag_ecg.digitize import DigitizeError, digitize
+
+        arr = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
+        if arr.shape[0] < 8 or arr.shape[1] < 8:
+            raise ValueError(f"image of size {arr.shape[1]}x{arr.shape[0]} cannot be encoded")
+        try:
+            d = digitize(np.ascontiguousarray(arr))
+        except DigitizeError:
+            return np.zeros(self.input_shape, np.float32)
+        return self.stack(d.signal, d.mask)
+
+    @staticmethod
+    def stack(signal: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """(12, N) traces + (12, N) printed-mask -> (24, N) float32 (traces zeroed where not printed)."""
+        m = mask.astype(np.float32)
+        return np.concatenate([signal.astype(np.float32) * m, m]).astype(np.float32)
+
+    def from_signal(self, record, rng: np.random.Generator) -> np.ndarray:
+        """What the digitiser would read off a random printed layout of `record` (pre-training input).
+
+        Layouts, rhythm lead and start time are drawn as `render.random_config` draws them; a
+        per-page gain and a little noise stand in for the digitiser's scale and pixel errors.
+        """
+        from rag_ecg.digitize import canonicalize
+
+        layout = ("3x4+II", "3x4", "6x2", "12x1")[int(rng.choice(4, p=[0.45, 0.2, 0.2, 0.15]))]
+        rhythm = ("II", "V1", "V5")[int(rng.choice(3, p=[0.85, 0.1, 0.05]))]
+        start = float(rng.uniform(0.0, max(0.0, record.duration_s - 10.0)))
+        sig, mask = canonicalize(record.signal_mv(), record.fs, layout, rhythm, start)
+        sig = sig * float(rng.uniform(0.8, 1.25)) + rng.normal(0.0, 0.02, sig.shape).astype(np.float32) * mask
+        return self.stack(sig, mask)
+
+    def normalize(self, pixels: "torch.Tensor") -> "torch.Tensor":
+        """(n, 24, N) float32 -> the same, as float32 on the tensor's device."""
+        return pixels.float().contiguous()
+
+    def __call__(self, image: "Image.Image") -> "torch.Tensor":
+        import torch
+
+        return torch.from_numpy(self.pixels(image))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def open_clip_cfg(self) -> dict:
+        return {"kind": "trace", "n_samples": self.n_samples}
+
+
+class TraceTower:
+    """Factory for the 1-D CNN image tower over digitised traces (a torch module, built lazily)."""
+
+    @staticmethod
+    def build(embed_dim: int, widths: Sequence[int] = (32, 64, 96, 128, 192), in_channels: int = 24):
+        import torch
+        from torch import nn
+
+        def block(i: int, o: int) -> nn.Module:
+            return nn.Sequential(nn.Conv1d(i, o, 7, 2, 3, bias=False), nn.BatchNorm1d(o), nn.ReLU(inplace=True),
+                                 nn.Conv1d(o, o, 5, 1, 2, bias=False), nn.BatchNorm1d(o), nn.ReLU(inplace=True))
+
+        class _Tower(nn.Module):
+            """(n, 24, N) traces -> (n, embed_dim): strided conv blocks, mean+max pooled over time, linear."""
+
+            def __init__(self):
+                super().__init__()
+                chans = [in_channels, *widths]
+                self.features = nn.Sequential(*[block(a, b) for a, b in zip(chans[:-1], chans[1:])])
+                self.proj = nn.Linear(2 * chans[-1], embed_dim)
+
+            def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+                h = self.features(x)
+                return self.proj(torch.cat([h.mean(-1), h.amax(-1)], 1))
+
+            def set_grad_checkpointing(self, enable: bool = True) -> None:
+                pass
+
+            def lock(self, *args, **kwargs) -> None:
+                raise NotImplementedError("the trace tower has no pretrained weights to lock")
+
+        return _Tower()
+
+
+def _preprocess_for(model_cfg: dict):
+    if "trace_tower" in model_cfg["vision_cfg"]:
+        return TracePreprocess(n_samples=int(model_cfg["vision_cfg"]["trace_tower"].get("n_samples", 1000)))
     size = model_cfg["vision_cfg"]["image_size"]
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     return Preprocess(height=h, width=w)
@@ -236,8 +342,9 @@ class ECGEncoder:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """(height, width) of the model input."""
-        return self.preprocess.height, self.preprocess.width
+        """(height, width) of the model input ((24, N) for the trace tower)."""
+        shape = self.preprocess.input_shape
+        return int(shape[0]), int(shape[1])
 
     @property
     def checkpoint_hash(self) -> str:
@@ -284,14 +391,16 @@ class ECGEncoder:
         return np.concatenate(chunks) if chunks else np.zeros((0, self.embed_dim), np.float32)
 
     def embed_pixels(self, pixels: "np.ndarray | torch.Tensor") -> np.ndarray:
-        """(n, H, W, 3) uint8 letterboxed pages (`preprocess.pixels`) -> (n, embed_dim) float32 L2-normalised."""
+        """(n, *preprocess.input_shape) arrays from `preprocess.pixels` (letterboxed pages, or digitised
+        traces for the trace tower) -> (n, embed_dim) float32 L2-normalised."""
         import torch
         import torch.nn.functional as F
 
         x = torch.as_tensor(pixels)
-        if x.ndim != 4 or tuple(x.shape[1:]) != (self.preprocess.height, self.preprocess.width, 3):
-            raise ValueError(f"embed_pixels: expected (n, {self.preprocess.height}, {self.preprocess.width}, 3) "
-                             f"uint8, got {tuple(x.shape)}")
+        shape = self.preprocess.input_shape
+        if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+            raise ValueError(f"embed_pixels: expected (n, {', '.join(map(str, shape))}) arrays from "
+                             f"preprocess.pixels, got {tuple(x.shape)}")
         self.model.eval()
         with torch.inference_mode():
             feats = self.model.encode_image(self.model_input(x))
@@ -405,11 +514,15 @@ class ECGEncoder:
             if oc != cfg:
                 raise EncoderLoadError(f"{d}: {OPEN_CLIP_CONFIG} model_cfg differs from the manifest's "
                                        f"({_first_difference(cfg, oc)})")
-        pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["preprocess"].items()})
+        saved_pre = manifest["preprocess"]
+        if saved_pre.get("kind") == "trace":
+            pre = TracePreprocess(**saved_pre)
+        else:
+            pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved_pre.items()})
         expect_pre = _preprocess_for(cfg)
-        if (pre.height, pre.width) != (expect_pre.height, expect_pre.width):
-            raise EncoderLoadError(f"{d}: preprocess size {pre.height}x{pre.width} differs from the model's "
-                                   f"image_size {expect_pre.height}x{expect_pre.width}")
+        if pre.input_shape != expect_pre.input_shape:
+            raise EncoderLoadError(f"{d}: preprocess input {pre.input_shape} differs from the model's "
+                                   f"{expect_pre.input_shape}")
         dev = resolve_device(device)
         model = build_model(cfg)
         state = st_load(blob)
@@ -449,6 +562,14 @@ def build_model(model_cfg: dict):
     cfg = deepcopy(model_cfg)
     if cfg.pop("custom_text", False):
         raise ValueError("encoder configs with custom text towers are not supported (plain CLIP text tower)")
+    trace = cfg.get("vision_cfg", {}).pop("trace_tower", None)
+    if trace is not None:
+        # open_clip builds the text tower, logit scale and the CLIP API; its image tower is then the
+        # trace tower (a throwaway 1-layer ViT stands in during construction)
+        cfg["vision_cfg"] = {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 32}
+        model = open_clip.CLIP(**cfg)
+        model.visual = TraceTower.build(int(cfg["embed_dim"]), tuple(trace.get("widths", (32, 64, 96, 128, 192))))
+        return model
     if "timm_model_name" in cfg.get("vision_cfg", {}):
         cfg["vision_cfg"]["timm_model_pretrained"] = False  # the library never downloads
     return open_clip.CLIP(**cfg)

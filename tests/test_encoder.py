@@ -34,6 +34,9 @@ def test_repo_model_configs_are_registered_and_landscape():
     assert set(MODEL_NAMES) <= set(names)
     for name in MODEL_NAMES:
         cfg = model_config(name)
+        if "trace_tower" in cfg["vision_cfg"]:  # reads digitised traces, not pixels (tests/test_digitize.py)
+            assert cfg["vision_cfg"]["trace_tower"]["n_samples"] == 1000
+            continue
         h, w = cfg["vision_cfg"]["image_size"]
         assert 1.2 <= w / h <= 1.5, f"{name}: input should be landscape like an ECG page"
         if "patch_size" in cfg["vision_cfg"]:

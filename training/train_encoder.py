@@ -50,7 +50,7 @@ VAL_STREAM = 1 << 30  # the "epoch" of the fixed validation renders (no training
 class EncoderTrainConfig:
     """One encoder training run; saved beside its outputs as config.yaml."""
 
-    model: str = "ecg-clip-cpu"  # model config name in rag_ecg/model_configs/ (ecg-clip-tiny|cpu|b16)
+    model: str = "ecg-clip-trace"  # model config name in rag_ecg/model_configs/ (ecg-clip-tiny|cpu|trace|b16)
     model_overrides: dict = field(default_factory=dict)  # deep-merged into the model config (e.g. image_size)
     db: str | None = None  # case store URL (None: $RAG_ECG_DB or ./data/rag_ecg.db)
     sources: list[str] = field(default_factory=lambda: ["ptbxl"])  # case sources to train/validate on
@@ -72,6 +72,7 @@ class EncoderTrainConfig:
     aux_weight: float = 1.0  # weight of the superclass BCE head on the image embedding (0: pure CLIP)
     render_preset: str = "random"  # render preset for training pages (random layout, colours, artifacts)
     clean_fraction: float = 0.0  # share of training renders drawn with the clean preset instead
+    signal_fraction: float = 0.0  # trace towers: share of items read straight off the WFDB signal (no render)
     dpi: int = 100  # render resolution (the model sees ~350 px wide pages: more dpi only costs time)
     workers: int = 1  # DataLoader render processes (0: render in the training process)
     prefetch_factor: int = 4  # batches each worker renders ahead
@@ -96,6 +97,8 @@ class EncoderTrainConfig:
             raise ValueError(f"batch_size: contrastive training needs at least 2 pages per batch, got {self.batch_size}")
         if not 0.0 <= self.clean_fraction <= 1.0:
             raise ValueError(f"clean_fraction: {self.clean_fraction} is not in [0, 1]")
+        if not 0.0 <= self.signal_fraction <= 1.0:
+            raise ValueError(f"signal_fraction: {self.signal_fraction} is not in [0, 1]")
 
     def resume_key(self) -> str:
         """Hash of the fields that define the optimisation path (a resumed run must share them)."""
@@ -223,15 +226,21 @@ def render_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class RenderedPages:
-    """Map-style dataset: (epoch, index) -> (pixels (H, W, 3) uint8, tokens (L,) int64, labels (5,) float32).
+    """Map-style dataset: (epoch, index) -> (model input from `preprocess.pixels`, tokens (L,) int64,
+    labels (5,) float32).
 
     Each key renders its record afresh with a seed from (seed, epoch, index), so an epoch never repeats
-    a page and a resumed run redraws exactly the pages it would have.
+    a page and a resumed run redraws exactly the pages it would have. For a trace tower a seeded share
+    (`signal_fraction`) skips the page and reads the record's signal in a random printed layout: the
+    tower sees clean and digitised traces of the same ECGs, ~100x cheaper than a render.
     """
 
-    def __init__(self, cases: CaseSet, tokens, preprocess, preset: str, clean_fraction: float, dpi: int, seed: int):
+    def __init__(self, cases: CaseSet, tokens, preprocess, preset: str, clean_fraction: float, dpi: int, seed: int,
+                 signal_fraction: float = 0.0):
         self.cases, self.tokens, self.preprocess = cases, tokens, preprocess
         self.preset, self.clean_fraction, self.dpi, self.seed = preset, clean_fraction, dpi, seed
+        # only a trace tower can read a signal directly; image towers always get rendered pages
+        self.signal_fraction = signal_fraction if hasattr(preprocess, "from_signal") else 0.0
 
     def __len__(self) -> int:
         return len(self.cases.records)
@@ -249,7 +258,11 @@ class RenderedPages:
         import torch
 
         epoch, index = key
-        pixels = self.preprocess.pixels(self.page(epoch, index))
+        s = render_seed(self.seed, epoch, index)
+        if self.signal_fraction and random.Random(s ^ 0x5167).random() < self.signal_fraction:
+            pixels = self.preprocess.from_signal(self.cases.records[index], np.random.default_rng(s))
+        else:
+            pixels = self.preprocess.pixels(self.page(epoch, index))
         return (torch.from_numpy(pixels), self.tokens[index],
                 torch.from_numpy(self.cases.labels[index].astype(np.float32)))
 
@@ -459,7 +472,7 @@ def _train(cfg: EncoderTrainConfig, store=None) -> Path:
 
     # ---- loader over every remaining epoch
     dataset = RenderedPages(train_set, tokens, encoder.preprocess, cfg.render_preset, cfg.clean_fraction,
-                            cfg.dpi, cfg.seed)
+                            cfg.dpi, cfg.seed, cfg.signal_fraction)
     batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, start_epoch, cfg.epochs,
                            dist_info.rank, dist_info.world)
     loader = torch.utils.data.DataLoader(
