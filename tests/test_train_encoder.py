@@ -50,8 +50,10 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert all(f(s) >= f(s + 1) for s in range(4, 30))
 
 
-def test_loss_falls_on_a_fixed_batch_of_real_rendered_ecgs(ptbxl_dir):
-    """Overfit 8 real PTB-XL pages with their real report texts: ClipLoss + aux BCE must drop."""
+@pytest.mark.parametrize("model,dpi", [("ecg-clip-tiny", 40), ("ecg-clip-trace", 100)])
+def test_loss_falls_on_a_fixed_batch_of_real_rendered_ecgs(ptbxl_dir, model, dpi):
+    """Overfit 8 real PTB-XL pages with their real report texts: ClipLoss + aux BCE must drop (pixel tower, and
+    the trace tower reading the same kind of pages through the digitiser)."""
     import torch
 
     from rag_ecg.encoder import ECGEncoder, case_text
@@ -70,8 +72,8 @@ def test_loss_falls_on_a_fixed_batch_of_real_rendered_ecgs(ptbxl_dir):
         if len(picked) == 8:
             break
     recs = [ptbxl_record(r) for r in picked]
-    enc = ECGEncoder.create("ecg-clip-tiny", seed=0, aux_classes=SUPERCLASSES)
-    pixels = torch.from_numpy(np.stack([enc.preprocess.pixels(render_page(r, preset="random", seed=i, dpi=40))
+    enc = ECGEncoder.create(model, seed=0, aux_classes=SUPERCLASSES)
+    pixels = torch.from_numpy(np.stack([enc.preprocess.pixels(render_page(r, preset="random", seed=i, dpi=dpi))
                                         for i, r in enumerate(recs)]))
     x = enc.model_input(pixels)
     tok = enc.tokenizer([case_text(r.report, r.codes, desc) for r in recs])
@@ -95,6 +97,33 @@ def test_loss_falls_on_a_fixed_batch_of_real_rendered_ecgs(ptbxl_dir):
     first, last = losses[0], losses[-1]
     assert last["loss"] < 0.5 * first["loss"], (first, last)
     assert last["clip_loss"] < first["clip_loss"] and last["aux_loss"] < first["aux_loss"]
+
+
+def test_trace_items_mix_signal_reads_and_digitised_pages(ptbxl_dir):
+    """signal_fraction picks, per (epoch, record) seed, a signal read or a rendered page; both give the
+    trace tower's (24, 1000) input, and an epoch redraws (new layout / new page)."""
+    import torch
+
+    from rag_ecg.encoder import ECGEncoder
+    from rag_ecg.records import ptbxl_record, read_ptbxl_index
+    from training.train_encoder import CaseSet, RenderedPages
+
+    rows, _ = read_ptbxl_index(ptbxl_dir)
+    recs = [ptbxl_record(r) for r in rows[:4]]
+    cases = CaseSet(records=recs, texts=["x"] * 4, labels=np.zeros((4, 5), np.uint8), keys=[str(i) for i in range(4)])
+    pre = ECGEncoder.create("ecg-clip-trace", seed=0).preprocess
+    tokens = torch.zeros((4, 77), dtype=torch.long)
+    signal_only = RenderedPages(cases, tokens, pre, "random", 0.0, 100, 0, signal_fraction=1.0)
+    pages_only = RenderedPages(cases, tokens, pre, "random", 0.0, 100, 0, signal_fraction=0.0)
+    a, b = signal_only[(0, 1)][0].numpy(), signal_only[(1, 1)][0].numpy()
+    assert a.shape == b.shape == (24, 1000) and not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, signal_only[(0, 1)][0].numpy())  # seeded: a resumed run redraws it
+    page = pages_only[(0, 1)][0].numpy()
+    assert page.shape == (24, 1000) and page[12:].any()  # leads were read off the page
+    mixed = RenderedPages(cases, tokens, pre, "random", 0.0, 100, 0, signal_fraction=0.5)
+    assert mixed.signal_fraction == 0.5
+    tiny_pre = ECGEncoder.create("ecg-clip-tiny", seed=0).preprocess
+    assert RenderedPages(cases, tokens, tiny_pre, "random", 0.0, 40, 0, signal_fraction=0.5).signal_fraction == 0.0
 
 
 def test_recipe_trains_logs_resumes_and_evaluates(ingested_store, tmp_path):
