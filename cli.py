@@ -181,7 +181,12 @@ def _query_evidence(query: Optional[Path], text: Optional[str], index: str, db: 
             image = load_image(query)
     except (ImageLoadError, RecordError) as exc:
         _fail(exc)
-    return retriever.search_images([image], k, source=source)[0], image
+    from rag_ecg.digitize import DigitizeError
+
+    try:
+        return retriever.search_images([image], k, source=source)[0], image
+    except DigitizeError as exc:  # the trace encoder found no ECG traces on the picture
+        _fail(ValueError(f"{query}: {exc}"))
 
 
 @app.command()

@@ -154,7 +154,10 @@ def build_index(store: Store, encoder_dir: str | Path, name: str = "default", ou
             bar.advance(ttask, len(chunk))
         texts.save(out / "texts.faiss")
 
-    calibration = calibrate(images, done, cfg, _artifact_top_scores(images, done, cfg, encoder))
+    if getattr(encoder.preprocess, "reads_traces", False):  # the digitiser refuses non-ECG pictures itself
+        calibration = calibrate(images, done, cfg, floor=False)
+    else:
+        calibration = calibrate(images, done, cfg, _artifact_top_scores(images, done, cfg, encoder))
     manifest = {
         "name": name, "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rag_ecg_version": __version__, "encoder_hash": encoder.checkpoint_hash,
@@ -185,7 +188,7 @@ def _embed_chunk(chunk: list[Case], cfg: BuildConfig, encoder, page_dir, skipped
         if not part:
             continue
         flat = [p for _, pages, _ in part for p in pages]
-        emb = encoder.embed_images(flat).reshape(len(part), cfg.renders_per_case, -1).mean(axis=1)
+        emb = encoder.embed_images(flat, strict=False).reshape(len(part), cfg.renders_per_case, -1).mean(axis=1)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         ids += [cid for cid, _, _ in part]
         vecs += list(emb.astype(np.float32))
@@ -209,15 +212,19 @@ def _artifact_top_scores(images: VectorIndex, cases: list[Case], cfg: BuildConfi
         groups.append(c.patient_id or f"case{c.id}")
     if not pages:
         return np.zeros(0)
-    scores, ids = images.search(encoder.embed_images(pages), min(images.ntotal, 32))
+    scores, ids = images.search(encoder.embed_images(pages, strict=False), min(images.ntotal, 32))
     patient = {c.id: c.patient_id or f"case{c.id}" for c in cases}
     return np.array([max((s for s, i in zip(srow, irow) if i >= 0 and patient.get(int(i)) != g), default=-1.0)
                      for srow, irow, g in zip(scores, ids, groups)])
 
 
 def calibrate(images: VectorIndex, cases: list[Case], cfg: BuildConfig,
-              artifact_top: np.ndarray | None = None) -> Calibration:
-    """Leave-one-patient-out votes on the library -> Platt scaling, F1 thresholds, the not-an-ECG floor."""
+              artifact_top: np.ndarray | None = None, floor: bool = True) -> Calibration:
+    """Leave-one-patient-out votes on the library -> Platt scaling, F1 thresholds, the not-an-ECG floor.
+
+    `floor=False` for encoders that read traces: their embeddings of real pages crowd into a narrow cone
+    (best similarities 0.98-0.999), so a similarity floor refused ~1 % of real out-of-domain pages, and
+    the digitiser already refuses pictures with no traces."""
     by_id = {c.id: c for c in cases}
     ids = images.ids
     vecs = images.vectors(ids)
@@ -243,8 +250,8 @@ def calibrate(images: VectorIndex, cases: list[Case], cfg: BuildConfig,
         top = np.concatenate([top, artifact_top])
     # Real ECG pages (clean, and photographed/scanned renders) never fell below this similarity to their
     # nearest other-patient case; allow a margin.
-    floor = float(np.quantile(top, 0.001) - 0.5 * (np.median(top) - np.quantile(top, 0.001)))
-    cal.thresholds, cal.min_top_score = thresholds, floor
+    min_top = float(np.quantile(top, 0.001) - 0.5 * (np.median(top) - np.quantile(top, 0.001)))
+    cal.thresholds, cal.min_top_score = thresholds, (min_top if floor else None)
     return cal
 
 

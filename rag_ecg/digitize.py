@@ -230,7 +230,8 @@ def find_rows(ink: np.ndarray) -> tuple[list[float], float]:
     min_gap = max(8, int(0.035 * h))
     peaks = [y for y in range(1, h - 1) if cover[y] >= 0.3 and cover[y] == cover[max(0, y - min_gap):y + min_gap + 1].max()]
     if len(peaks) < 3:
-        raise DigitizeError(f"found {len(peaks)} trace row(s) across the page; an ECG page has 3, 4, 6 or 12")
+        raise DigitizeError(f"not an ECG tracing: found {len(peaks)} trace row(s) across the page "
+                            "(an ECG page has 3, 4, 6 or 12)")
     best, best_key = None, None
     ys = np.asarray(peaks, np.float64)
     for i in range(len(ys)):
@@ -255,7 +256,7 @@ def find_rows(ink: np.ndarray) -> tuple[list[float], float]:
                         best, best_key = rows, key
                     break
     if best is None:
-        raise DigitizeError("no evenly spaced set of 3, 4, 6 or 12 trace rows on the page")
+        raise DigitizeError("not an ECG tracing: no evenly spaced set of 3, 4, 6 or 12 trace rows on the page")
     pitch = float(np.median(np.diff(best)))
     return [float(y) for y in best], pitch
 

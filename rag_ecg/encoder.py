@@ -146,8 +146,9 @@ class Preprocess:
         canvas.paste(img, ((self.width - nw) // 2, (self.height - nh) // 2))
         return canvas
 
-    def pixels(self, image: "Image.Image") -> np.ndarray:
-        """PIL image -> (height, width, 3) uint8 letterboxed page (cheap to pass between processes)."""
+    def pixels(self, image: "Image.Image", strict: bool = True) -> np.ndarray:
+        """PIL image -> (height, width, 3) uint8 letterboxed page (cheap to pass between processes).
+        (`strict` is for the trace tower's unreadable pages; any picture letterboxes.)"""
         return np.array(self.letterbox(image), dtype=np.uint8)  # a writable copy
 
     def normalize(self, pixels: "torch.Tensor") -> "torch.Tensor":
@@ -183,8 +184,10 @@ class Preprocess:
 class TracePreprocess:
     """Page -> digitised 12-lead traces (`rag_ecg.digitize`) -> (24, N) float32: traces, then where printed.
 
-    The trace tower's input. A page the digitiser cannot read (no trace rows) gives all zeros, and
-    `last_failed` says so; it still embeds (as "nothing legible"), so a batch never dies on one page.
+    The trace tower's input. A picture the digitiser cannot read (no trace rows: a blank page, a photo
+    of something else) raises `DigitizeError` naming why — that is the not-an-ECG check for this tower;
+    with `strict=False` (training and library renders, which are ECGs by construction) it reads as
+    all zeros ("nothing legible") so a batch never dies on one hard page.
     """
 
     n_samples: int = 1000  # samples on the canonical 10-s axis (digitize.N_SAMPLES)
@@ -194,7 +197,7 @@ class TracePreprocess:
     def input_shape(self) -> tuple[int, ...]:
         return (24, self.n_samples)
 
-    def pixels(self, image: "Image.Image") -> np.ndarray:
+    def pixels(self, image: "Image.Image", strict: bool = True) -> np.ndarray:
         """PIL page (any mode/size) -> (24, n_samples) float32 model input."""
         from rag_ecg.digitize import DigitizeError, digitize
 
@@ -204,6 +207,8 @@ class TracePreprocess:
         try:
             d = digitize(np.ascontiguousarray(arr))
         except DigitizeError:
+            if strict:
+                raise
             return np.zeros(self.input_shape, np.float32)
         return self.stack(d.signal, d.mask)
 
@@ -236,6 +241,11 @@ class TracePreprocess:
         import torch
 
         return torch.from_numpy(self.pixels(image))
+
+    @property
+    def reads_traces(self) -> bool:
+        """True: this tower refuses pictures with no ECG traces itself (no similarity floor needed)."""
+        return True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -376,13 +386,14 @@ class ECGEncoder:
 
     # ------------------------------------------------------------ embedding
 
-    def embed_images(self, images: Iterable["Image.Image"], batch_size: int = 32) -> np.ndarray:
-        """PIL pages -> (n, embed_dim) float32, rows L2-normalised; streams an iterable in batches."""
-        import torch
+    def embed_images(self, images: Iterable["Image.Image"], batch_size: int = 32, strict: bool = True) -> np.ndarray:
+        """PIL pages -> (n, embed_dim) float32, rows L2-normalised; streams an iterable in batches.
 
+        `strict`: a picture the trace tower cannot read raises (see TracePreprocess); False embeds it as
+        "nothing legible" (renders of library records, which are ECGs by construction)."""
         chunks, batch = [], []
         for img in images:
-            batch.append(self.preprocess.pixels(img))
+            batch.append(self.preprocess.pixels(img, strict=strict))
             if len(batch) == batch_size:
                 chunks.append(self.embed_pixels(np.stack(batch)))
                 batch = []

@@ -271,7 +271,7 @@ def _render_pixels(args) -> np.ndarray:
     kwargs = {"preset": preset, "seed": seed}
     if dpi is not None:
         kwargs["dpi"] = dpi
-    return preprocess.pixels(render_page(rec, **kwargs))
+    return preprocess.pixels(render_page(rec, **kwargs), strict=False)
 
 
 def embed_rendered(encoder: "ECGEncoder", records: Sequence["ECGRecord"], preset: str, salt: str = "",

@@ -94,13 +94,43 @@ def test_trace_encoder_embeds_pages_and_unreadable_pictures(ptb, tmp_path):
     assert isinstance(enc.preprocess, TracePreprocess)
     page = render_page_and_layout(ptb, config=RenderConfig(dpi=100), seed=0)[0]
     blank = Image.new("RGB", (800, 600), "white")
-    x = enc.preprocess.pixels(blank)
-    assert x.shape == (24, N_SAMPLES) and not x.any()  # nothing legible, still embeddable
-    emb = enc.embed_images([page, blank])
+    with pytest.raises(DigitizeError, match="trace row"):  # a query that is no ECG is refused, saying why
+        enc.embed_images([page, blank])
+    x = enc.preprocess.pixels(blank, strict=False)
+    assert x.shape == (24, N_SAMPLES) and not x.any()  # lenient (library renders): nothing legible
+    emb = enc.embed_images([page, blank], strict=False)
     assert emb.shape == (2, enc.embed_dim) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     enc.save(tmp_path / "enc")
     again = ECGEncoder.load(tmp_path / "enc")
     assert isinstance(again.preprocess, TracePreprocess)
-    np.testing.assert_array_equal(again.embed_images([page, blank]), emb)
+    np.testing.assert_array_equal(again.embed_images([page, blank], strict=False), emb)
     rng = np.random.default_rng(0)
     assert enc.preprocess.from_signal(ptb, rng).shape == (24, N_SAMPLES)
+
+
+def test_trace_index_refuses_a_picture_without_traces_in_one_line(ingested_store, ptb, tmp_path):
+    """End to end through the CLI: a real index built with the trace encoder; a blank photo is refused by
+    the digitiser (no similarity floor is fitted), a drawn ECG is searched."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli import app
+    from index.build import BuildConfig, build_index
+
+    ECGEncoder.create("ecg-clip-trace", seed=0).save(tmp_path / "encoder")
+    build_index(ingested_store, tmp_path / "encoder", name="trace", out_dir=tmp_path / "index",
+                cfg=BuildConfig(workers=1, page_width=0, dpi=100), progress=False, log=lambda m: None)
+    cal = json.loads((tmp_path / "index" / "manifest.json").read_text())["calibration"]
+    assert cal["min_top_score"] is None and cal["platt"]
+    blank = tmp_path / "desk-photo.png"
+    Image.new("RGB", (1200, 850), (240, 238, 230)).save(blank)
+    runner = CliRunner()
+    res = runner.invoke(app, ["search", str(blank), "--index", str(tmp_path / "index"), "--db", ingested_store.url])
+    assert res.exit_code == 2 and "desk-photo.png" in res.output and "trace row" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    page = tmp_path / "chart.png"
+    render_page_and_layout(ptb, config=RenderConfig(dpi=100), seed=0)[0].save(page)
+    res = runner.invoke(app, ["search", str(page), "--index", str(tmp_path / "index"), "--db", ingested_store.url,
+                              "--format", "json"])
+    assert res.exit_code == 0, res.output

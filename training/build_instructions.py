@@ -568,13 +568,13 @@ def encoder_retriever(encoder_dir: str | Path, cases: dict[int, CaseInfo], out_d
                 yield im.convert("RGB")
 
     log(f"embedding {len(lib)} train pages with {encoder_dir} for evidence retrieval")
-    lib_emb = enc.embed_images(pages(lib))  # (n_train, d), L2-normalised
+    lib_emb = enc.embed_images(pages(lib), strict=False)  # (n_train, d), L2-normalised
     row = {c.id: i for i, c in enumerate(lib)}
     q_cache: dict[int, np.ndarray] = {}
 
     def retrieve(case) -> "Evidence":  # noqa: F821
         c = cases[case.id]
-        q = lib_emb[row[c.id]] if c.id in row else q_cache.setdefault(c.id, enc.embed_images(pages([c]))[0])
+        q = lib_emb[row[c.id]] if c.id in row else q_cache.setdefault(c.id, enc.embed_images(pages([c]), strict=False)[0])
         sims = lib_emb @ q
         order = np.argsort(-sims, kind="stable")
         hits = []

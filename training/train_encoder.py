@@ -262,7 +262,7 @@ class RenderedPages:
         if self.signal_fraction and random.Random(s ^ 0x5167).random() < self.signal_fraction:
             pixels = self.preprocess.from_signal(self.cases.records[index], np.random.default_rng(s))
         else:
-            pixels = self.preprocess.pixels(self.page(epoch, index))
+            pixels = self.preprocess.pixels(self.page(epoch, index), strict=False)
         return (torch.from_numpy(pixels), self.tokens[index],
                 torch.from_numpy(self.cases.labels[index].astype(np.float32)))
 
@@ -623,7 +623,8 @@ def _render_fixed(cases: CaseSet, preprocess, preset: str, dpi: int, seed: int) 
     """Validation pages rendered once with fixed seeds: (n, H, W, 3) uint8."""
     from rag_ecg.render import render_page
 
-    return np.stack([preprocess.pixels(render_page(r, preset=preset, seed=render_seed(seed, VAL_STREAM, i), dpi=dpi))
+    return np.stack([preprocess.pixels(render_page(r, preset=preset, seed=render_seed(seed, VAL_STREAM, i), dpi=dpi),
+                                       strict=False)
                      for i, r in enumerate(cases.records)])
 
 
