@@ -28,6 +28,10 @@ import numpy as np
 
 from rag_ecg.records import STANDARD_LEADS
 
+# One OpenCV thread (as in render.py): pages are digitised in the embedding process between forks of
+# render workers, and an OpenCV thread pool alive at a fork deadlocks the children (seen: index build).
+cv2.setNumThreads(1)
+
 T_SECONDS = 10.0  # the canonical page: 10 s (one full row at 25 mm/s)
 FS = 100.0  # canonical sampling rate, Hz
 N_SAMPLES = int(T_SECONDS * FS)
