@@ -134,3 +134,13 @@ def test_trace_index_refuses_a_picture_without_traces_in_one_line(ingested_store
     res = runner.invoke(app, ["search", str(page), "--index", str(tmp_path / "index"), "--db", ingested_store.url,
                               "--format", "json"])
     assert res.exit_code == 0, res.output
+
+
+def test_digitiser_keeps_opencv_single_threaded():
+    """Pages are digitised in a process that then forks render workers: an OpenCV thread pool alive at the
+    fork deadlocked them (an index build with a reused trace encoder hung after its first chunk)."""
+    import cv2
+
+    import rag_ecg.digitize  # noqa: F401
+
+    assert cv2.getNumThreads() == 1
