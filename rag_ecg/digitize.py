@@ -85,7 +85,7 @@ def digitize(page: np.ndarray, rhythm_lead: str = "II") -> Digitized:
     followed = [follow_trace(ink, y, pitch, a, b) for y, (a, b) in zip(rows, extents)]
     continuity = float(np.median([c for _, c in followed]))
     if continuity < MIN_CONTINUITY:
-        raise DigitizeError(f"not an ECG tracing: the row lines are broken ({continuity:.0%} of columns continue "
+        raise DigitizeError(f"no readable ECG traces: the row lines are broken ({continuity:.0%} of columns continue "
                             "the line; pen traces are continuous)")
     traces = [t for t, _ in followed]
     signal = np.zeros((12, N_SAMPLES), np.float32)
@@ -234,7 +234,7 @@ def find_rows(ink: np.ndarray) -> tuple[list[float], float]:
     min_gap = max(8, int(0.035 * h))
     peaks = [y for y in range(1, h - 1) if cover[y] >= 0.3 and cover[y] == cover[max(0, y - min_gap):y + min_gap + 1].max()]
     if len(peaks) < 3:
-        raise DigitizeError(f"not an ECG tracing: found {len(peaks)} trace row(s) across the page "
+        raise DigitizeError(f"no readable ECG traces: found {len(peaks)} trace row(s) across the page "
                             "(an ECG page has 3, 4, 6 or 12)")
     best, best_key = None, None
     ys = np.asarray(peaks, np.float64)
@@ -260,7 +260,7 @@ def find_rows(ink: np.ndarray) -> tuple[list[float], float]:
                         best, best_key = rows, key
                     break
     if best is None:
-        raise DigitizeError("not an ECG tracing: no evenly spaced set of 3, 4, 6 or 12 trace rows on the page")
+        raise DigitizeError("no readable ECG traces: no evenly spaced set of 3, 4, 6 or 12 trace rows on the page")
     pitch = float(np.median(np.diff(best)))
     return [float(y) for y in best], pitch
 
@@ -365,7 +365,7 @@ def _check_line_drawing(ink: np.ndarray, rows: list[float], pitch: float, x0: in
     bot = min(ink.shape[0], int(rows[-1] + 0.45 * pitch) + 1)
     density = float((ink[top:bot, x0:x1 + 1] > INK_ON).mean()) if x1 > x0 else 1.0
     if density > MAX_INK_DENSITY or x1 - x0 < 0.3 * ink.shape[1]:
-        raise DigitizeError(f"not an ECG tracing: {density:.0%} of the trace area is ink, "
+        raise DigitizeError(f"no readable ECG traces: {density:.0%} of the trace area is ink, "
                             f"traces span {x1 - x0} of {ink.shape[1]} columns")
 
 
