@@ -73,8 +73,9 @@ def test_loss_falls_on_a_fixed_batch_of_real_rendered_ecgs(ptbxl_dir, model, dpi
             break
     recs = [ptbxl_record(r) for r in picked]
     enc = ECGEncoder.create(model, seed=0, aux_classes=SUPERCLASSES)
-    pixels = torch.from_numpy(np.stack([enc.preprocess.pixels(render_page(r, preset="random", seed=i, dpi=dpi))
-                                        for i, r in enumerate(recs)]))
+    pages = [render_page(r, preset="random", seed=i, dpi=dpi) for i, r in enumerate(recs)]
+    # training reads rendered pages leniently: a page the digitiser cannot read is a hard example, not an error
+    pixels = torch.from_numpy(np.stack([enc.preprocess.pixels(p, strict=False) for p in pages]))
     x = enc.model_input(pixels)
     tok = enc.tokenizer([case_text(r.report, r.codes, desc) for r in recs])
     y = torch.from_numpy(labels_to_matrix([r.labels for r in recs]).astype(np.float32))
