@@ -25,6 +25,7 @@ import numpy as np
 
 from rag_ecg.evaluate import hamming_loss, labels_to_matrix, macro_auc, macro_f1, per_class_f1
 from rag_ecg.records import SUPERCLASSES, RecordError
+from rag_ecg.report import write_atomic
 
 PTBXL_SPLITS = {"train": list(range(1, 9)), "val": [9], "test": [10]}
 AS_IS = "as-is"  # the "preset" of a set of real images: they are read, never re-drawn
@@ -319,21 +320,9 @@ def run_eval(labelled: LabelledSet, out_dir: str | Path, store, index_dir: str |
                         "review_html": summary.outputs.get("html"),
                         "charts_per_s": summary.charts_per_s})
         result["presets"][preset] = metrics
-    _atomic_text(out / "eval.json", json.dumps(result, indent=2, default=str))
-    _atomic_text(out / "eval.md", markdown(result))
+    write_atomic(out / "eval.json", json.dumps(result, indent=2, default=str))
+    write_atomic(out / "eval.md", markdown(result))
     return result
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 TABLE_COLUMNS = (("macro_auc_scores", "AUC (scores)"), ("macro_auc_binary", "AUC (binary)"), ("macro_f1", "F1"),
