@@ -24,26 +24,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rag_ecg import paths  # noqa: E402
-from rag_ecg.digitize import DigitizeError, canonicalize, digitize  # noqa: E402
+from rag_ecg.digitize import DigitizeError, agreement, canonicalize, digitize  # noqa: E402
 from rag_ecg.records import ptbxl_record, read_ptbxl_index  # noqa: E402
 from rag_ecg.render import render_page_and_layout  # noqa: E402
-
-
-def agreement(record, read, result) -> float:
-    """Mean over leads of the best correlation (lags within ±3 samples = ±30 ms) with the true trace."""
-    cfg = result.config
-    truth, tmask = canonicalize(record.signal_mv(), record.fs, cfg.layout, cfg.rhythm_lead, result.leads[0].t_start)
-    cors = []
-    for lead in range(12):
-        best = []
-        for lag in range(-3, 4):
-            sig, mask = np.roll(read.signal[lead], lag), np.roll(read.mask[lead], lag)
-            m = mask & tmask[lead]
-            if m.sum() > 50 and truth[lead][m].std() > 0 and sig[m].std() > 0:
-                best.append(np.corrcoef(truth[lead][m], sig[m])[0, 1])
-        if best:
-            cors.append(max(best))
-    return float(np.mean(cors)) if cors else 0.0
 
 
 def main() -> None:
@@ -74,8 +57,10 @@ def main() -> None:
             if read is None:
                 refused += 1
                 continue
-            layout_ok += read.layout == result.config.layout
-            agree.append(agreement(rec, read, result))
+            cfg = result.config
+            layout_ok += read.layout == cfg.layout
+            truth, tmask = canonicalize(rec.signal_mv(), rec.fs, cfg.layout, cfg.rhythm_lead, result.leads[0].t_start)
+            agree.append(agreement(read, truth, tmask))
         n = len(records)
         out[preset] = {"pages": n, "layout_correct": layout_ok / n, "refused": refused / n,
                        "agreement_mean": float(np.mean(agree)) if agree else 0.0,
@@ -85,7 +70,8 @@ def main() -> None:
         r = out[preset]
         print(f"{preset:7s} layout {r['layout_correct']:.2f}  refused {r['refused']:.2f}  "
               f"agreement mean {r['agreement_mean']:.3f} median {r['agreement_median']:.3f}  "
-              f"digitise {r['digitize_ms']:.0f} ms/page = {r['digitize_vs_render']:.1f}x render ({r['render_ms']:.0f} ms)",
+              f"digitise {r['digitize_ms']:.0f} ms/page = {r['digitize_vs_render']:.1f}x render "
+              f"({r['render_ms']:.0f} ms)",
               flush=True)
     print(json.dumps(out, indent=1))
 

@@ -127,6 +127,23 @@ def canonicalize(signal_mv: np.ndarray, fs: float, layout: str = "12x1", rhythm_
     return normalize(signal, mask), mask
 
 
+def agreement(read: Digitized, truth: np.ndarray, truth_mask: np.ndarray, max_lag: int = 3) -> float:
+    """How well a read follows the recorded signal (`canonicalize` of it in the page's layout): the mean over
+    leads of the correlation where both are printed, best within ±`max_lag` samples (±30 ms at FS) — a
+    digitiser's time axis is good to a pixel or two, and one QRS sample off ruins a plain correlation."""
+    cors = []
+    for lead in range(truth.shape[0]):
+        best = []
+        for lag in range(-max_lag, max_lag + 1):
+            sig, mask = np.roll(read.signal[lead], lag), np.roll(read.mask[lead], lag)
+            m = mask & truth_mask[lead]
+            if m.sum() > 50 and truth[lead][m].std() > 0 and sig[m].std() > 0:
+                best.append(np.corrcoef(truth[lead][m], sig[m])[0, 1])
+        if best:
+            cors.append(max(best))
+    return float(np.mean(cors)) if cors else 0.0
+
+
 def detrend(segment: np.ndarray) -> np.ndarray:
     """Remove a segment's baseline: a robust straight line (a tilted photo tilts the whole row)."""
     n = segment.size
@@ -232,7 +249,8 @@ def find_rows(ink: np.ndarray) -> tuple[list[float], float]:
     cover = near[:, int(0.1 * w):int(0.9 * w)].mean(axis=1)
     cover = cv2.GaussianBlur(cover.reshape(-1, 1).astype(np.float32), (1, 0), sigmaX=0, sigmaY=band).ravel()
     min_gap = max(8, int(0.035 * h))
-    peaks = [y for y in range(1, h - 1) if cover[y] >= 0.3 and cover[y] == cover[max(0, y - min_gap):y + min_gap + 1].max()]
+    peaks = [y for y in range(1, h - 1)
+             if cover[y] >= 0.3 and cover[y] == cover[max(0, y - min_gap):y + min_gap + 1].max()]
     if len(peaks) < 3:
         raise DigitizeError(f"no readable ECG traces: found {len(peaks)} trace row(s) across the page "
                             "(an ECG page has 3, 4, 6 or 12)")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rag_ecg.digitize import N_SAMPLES, DigitizeError, canonicalize, digitize
+from rag_ecg.digitize import N_SAMPLES, DigitizeError, agreement, canonicalize, digitize
 from rag_ecg.encoder import ECGEncoder, TracePreprocess
 from rag_ecg.records import STANDARD_LEADS, ptbxl_record, read_ludb, read_ptbxl_index
 from rag_ecg.render import LAYOUTS, RenderConfig, render_page_and_layout
@@ -19,22 +19,11 @@ def ptb(ptbxl_dir):
 
 
 def _agreement(record, image, result) -> tuple[str, float]:
-    """(layout read, mean per-lead correlation with the true trace where both are printed, best within
-    ±30 ms: a digitiser's time axis is good to a pixel or two, and one QRS sample off ruins a plain r)."""
+    """(layout read, `digitize.agreement` of the read with the recorded signal)."""
     cfg = result.config
     truth, tmask = canonicalize(record.signal_mv(), record.fs, cfg.layout, cfg.rhythm_lead, result.leads[0].t_start)
     d = digitize(np.asarray(image))
-    cors = []
-    for lead in range(12):
-        best = []
-        for lag in range(-3, 4):
-            read_sig, read_mask = np.roll(d.signal[lead], lag), np.roll(d.mask[lead], lag)
-            m = read_mask & tmask[lead]
-            if m.sum() > 50 and truth[lead][m].std() > 0 and read_sig[m].std() > 0:
-                best.append(np.corrcoef(truth[lead][m], read_sig[m])[0, 1])
-        if best:
-            cors.append(max(best))
-    return d.layout, float(np.mean(cors)) if cors else 0.0
+    return d.layout, agreement(d, truth, tmask)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
