@@ -274,16 +274,40 @@ class TraceTower:
                 chans = [in_channels, *widths]
                 self.features = nn.Sequential(*[block(a, b) for a, b in zip(chans[:-1], chans[1:])])
                 self.proj = nn.Linear(2 * chans[-1], embed_dim)
+                self.grad_checkpointing = False
+                self._frozen_norms: list[nn.Module] = []
 
             def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-                h = self.features(x)
+                if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                    from torch.utils.checkpoint import checkpoint_sequential
+
+                    h = checkpoint_sequential(self.features, len(self.features), x, use_reentrant=False)
+                else:
+                    h = self.features(x)
                 return self.proj(torch.cat([h.mean(-1), h.amax(-1)], 1))
 
             def set_grad_checkpointing(self, enable: bool = True) -> None:
-                pass
+                """open_clip's hook: recompute each conv block in the backward pass instead of storing it."""
+                self.grad_checkpointing = enable
 
-            def lock(self, *args, **kwargs) -> None:
-                raise NotImplementedError("the trace tower has no pretrained weights to lock")
+            def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+                """open_clip's hook (`CLIP.lock_image_tower`): freeze the tower except its last `unlocked_groups`
+                groups (each conv block is a group, the projection the last); `freeze_bn_stats` also keeps
+                the frozen blocks' batch-norm statistics fixed (they stay in eval mode while training)."""
+                groups = [*self.features, self.proj]
+                frozen = groups[:max(0, len(groups) - unlocked_groups)]
+                for g in frozen:
+                    for p in g.parameters():
+                        p.requires_grad = False
+                if freeze_bn_stats:
+                    self._frozen_norms = [m for g in frozen for m in g.modules() if isinstance(m, nn.BatchNorm1d)]
+                    self.train(self.training)
+
+            def train(self, mode: bool = True):
+                super().train(mode)
+                for m in self._frozen_norms:
+                    m.eval()
+                return self
 
         return _Tower()
 

@@ -149,3 +149,34 @@ def test_cpu_config_builds_at_its_landscape_geometry():
         if torch.cuda.is_available():
             raise RuntimeError("CUDA is not available (skipped: this machine has CUDA)")
         ECGEncoder.create("ecg-clip-tiny", device="cuda")
+
+
+def test_trace_tower_lock_and_grad_checkpointing_follow_open_clip_hooks():
+    """`lock_image_tower` freezes all but the last groups (and batch-norm statistics when asked);
+    gradient checkpointing changes memory, not results."""
+    import torch
+
+    enc = ECGEncoder.create("ecg-clip-trace", seed=0)
+    tower = enc.model.visual
+    x = torch.randn(3, 24, 1000)
+    tower.train()
+    ref = tower(x)
+    ref.sum().backward()
+    grads = [p.grad.clone() for p in tower.parameters()]
+    tower.zero_grad()
+    tower.set_grad_checkpointing(True)
+    out = tower(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref)
+    for p, g in zip(tower.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+
+    enc.model.lock_image_tower(unlocked_groups=1, freeze_bn_stats=True)
+    assert all(not p.requires_grad for p in tower.features.parameters())
+    assert all(p.requires_grad for p in tower.proj.parameters())
+    enc.model.train()
+    norms = [m for m in tower.features.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert norms and all(not m.training for m in norms)
+    before = norms[0].running_mean.clone()
+    tower(x)
+    torch.testing.assert_close(norms[0].running_mean, before)
