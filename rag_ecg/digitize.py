@@ -87,18 +87,8 @@ def digitize(page: np.ndarray, rhythm_lead: str = "II") -> Digitized:
     if continuity < MIN_CONTINUITY:
         raise DigitizeError(f"no readable ECG traces: the row lines are broken ({continuity:.0%} of columns continue "
                             "the line; pen traces are continuous)")
-    traces = [t for t, _ in followed]
-    signal = np.zeros((12, N_SAMPLES), np.float32)
-    mask = np.zeros((12, N_SAMPLES), bool)
-    for trace, leads in zip(traces, _row_leads(layout, rhythm_lead)):
-        full = _resample(trace, N_SAMPLES)
-        n = len(leads)
-        for c, lead in enumerate(leads):
-            a, b = c * N_SAMPLES // n, (c + 1) * N_SAMPLES // n
-            li = _LEAD_INDEX[lead]  # a rhythm strip (last row) overwrites its lead's column: full 10 s
-            signal[li, a:b] = detrend(full[a:b])
-            mask[li, a:b] = True
-    signal = normalize(signal, mask)
+    rows_10s = [_resample(t, N_SAMPLES) for t, _ in followed]
+    signal, mask = _lay_out(layout, rhythm_lead, lambda row, lead: rows_10s[row])
     return Digitized(signal, mask, layout, float(angle), [float(y) for y in rows], (int(x0), int(x1)))
 
 
@@ -115,14 +105,24 @@ def canonicalize(signal_mv: np.ndarray, fs: float, layout: str = "12x1", rhythm_
     t = start_s + np.arange(N_SAMPLES) / FS
     src_t = np.arange(sig.shape[0]) / float(fs)
     full = np.stack([np.interp(t, src_t, sig[:, i]) for i in range(12)]).astype(np.float32)
+    return _lay_out(layout, rhythm_lead, lambda row, lead: full[lead])
+
+
+def _lay_out(layout: str, rhythm_lead: str, source) -> tuple[np.ndarray, np.ndarray]:
+    """(page-normalised (12, N) traces, printed mask) of a layout; `source(row, lead index)` -> (N,) 10-s trace.
+
+    Each printed column takes its time window from its source, baseline removed per column; a rhythm
+    strip (the last row) overwrites its lead's column with the full 10 s. The one place both a read
+    page (`digitize`) and a recorded signal (`canonicalize`) are put on the canonical axis.
+    """
     signal = np.zeros((12, N_SAMPLES), np.float32)
     mask = np.zeros((12, N_SAMPLES), bool)
-    for leads in _row_leads(layout, rhythm_lead):
+    for row, leads in enumerate(_row_leads(layout, rhythm_lead)):
         n = len(leads)
         for c, lead in enumerate(leads):
             a, b = c * N_SAMPLES // n, (c + 1) * N_SAMPLES // n
             li = _LEAD_INDEX[lead]
-            signal[li, a:b] = detrend(full[li, a:b])
+            signal[li, a:b] = detrend(source(row, li)[a:b])
             mask[li, a:b] = True
     return normalize(signal, mask), mask
 
