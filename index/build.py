@@ -154,7 +154,9 @@ def build_index(store: Store, encoder_dir: str | Path, name: str = "default", ou
             bar.advance(ttask, len(chunk))
         texts.save(out / "texts.faiss")
 
-    if getattr(encoder.preprocess, "reads_traces", False):  # the digitiser refuses pictures it cannot read traces from
+    from rag_ecg.encoder import TracePreprocess
+
+    if isinstance(encoder.preprocess, TracePreprocess):  # the digitiser refuses pictures it cannot read traces from
         calibration = calibrate(images, done, cfg, floor=False)
     else:
         calibration = calibrate(images, done, cfg, _artifact_top_scores(images, done, cfg, encoder))

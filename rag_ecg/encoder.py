@@ -242,11 +242,6 @@ class TracePreprocess:
 
         return torch.from_numpy(self.pixels(image))
 
-    @property
-    def reads_traces(self) -> bool:
-        """True: this tower refuses pictures with no ECG traces itself (no similarity floor needed)."""
-        return True
-
     def to_dict(self) -> dict:
         return asdict(self)
 
