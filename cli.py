@@ -29,7 +29,7 @@ DbOpt = typer.Option(None, "--db", help="SQLAlchemy URL of the case store "
 
 
 def _store(db: Optional[str]):
-    from rag_ecg.store import open_store
+    from rag_ecg.data.store import open_store
 
     try:
         return open_store(db)
@@ -39,8 +39,8 @@ def _store(db: Optional[str]):
 
 
 def print_summary(store) -> None:
-    from rag_ecg.records import SUPERCLASSES
-    from rag_ecg.store import summary
+    from rag_ecg.data.labels import SUPERCLASSES
+    from rag_ecg.data.store import summary
 
     s = summary(store)
     table = Table(title=f"case store: {s['total']} cases")
@@ -126,7 +126,7 @@ def eval_encoder(checkpoint: Path, db: Optional[str] = DbOpt,
     """Fold-9 queries vs the folds 1-8 library: recall@k and kNN superclass AUC/F1/Hamming."""
     import json
 
-    from rag_ecg.evaluate import flat_metrics
+    from rag_ecg.eval.metrics import flat_metrics
     from training.train_encoder import evaluate_checkpoint, summarize
 
     result = evaluate_checkpoint(checkpoint, db=db, presets=presets.split(","), k=k)
@@ -158,9 +158,9 @@ def build_index_cmd(encoder: Path = typer.Option(..., help="encoder checkpoint f
 
 def _query_evidence(query: Optional[Path], text: Optional[str], index: str, db: Optional[str], k: int,
                     source: Optional[str]):
-    from rag_ecg.images import ImageLoadError, load_image
-    from rag_ecg.records import RecordError, read_wfdb
-    from rag_ecg.retrieve import IndexNotReadyError, Retriever
+    from rag_ecg.data.images import ImageLoadError, load_image
+    from rag_ecg.data.records import RecordError, read_wfdb
+    from rag_ecg.search.retrieve import IndexNotReadyError, Retriever
 
     store = _store(db)
     try:
@@ -174,14 +174,14 @@ def _query_evidence(query: Optional[Path], text: Optional[str], index: str, db: 
         if query is None:
             _fail(ValueError("give a QUERY (image, PDF or WFDB record) or --text"))
         if query.suffix == ".hea" or query.with_suffix(".hea").exists() and not query.suffix:
-            from rag_ecg.render import render_page
+            from rag_ecg.paper.render import render_page
 
             image = render_page(read_wfdb(query), preset="clean", dpi=retriever.manifest["build"]["dpi"])
         else:
             image = load_image(query)
     except (ImageLoadError, RecordError) as exc:
         _fail(exc)
-    from rag_ecg.digitize import DigitizeError
+    from rag_ecg.paper.digitize import DigitizeError
 
     try:
         return retriever.search_images([image], k, source=source)[0], image
@@ -203,8 +203,8 @@ def search(query: Optional[Path] = typer.Argument(None, help="image (PNG/JPEG/TI
     if fmt == "json":
         body = json.dumps(evidence.to_dict(), indent=2, default=str)
     elif fmt == "html":
-        from rag_ecg.llm import get_backend
-        from rag_ecg.llm import interpret
+        from rag_ecg.reader.interpret import get_backend
+        from rag_ecg.reader.interpret import interpret
 
         report = interpret(image, evidence, get_backend("retrieval"))
         body = report.to_html(query_image=image,
@@ -239,7 +239,7 @@ def report(query: Path = typer.Argument(..., help="ECG image (PNG/JPEG/TIFF/BMP/
            no_cot: bool = typer.Option(False, help="short prompt (small context windows)"),
            max_cases: Optional[int] = typer.Option(None, help="cases shown to the LLM")) -> None:
     """A grounded report for one ECG image, citing the retrieved cases it relied on."""
-    from rag_ecg.llm import BackendError, report_command
+    from rag_ecg.reader.interpret import BackendError, report_command
 
     evidence, image = _query_evidence(query, None, index, db, k, None)
     opts = {k_: v for k_, v in dict(base_url=base_url, model=model, model_path=model_path).items() if v}
@@ -261,8 +261,8 @@ def review(input: str = typer.Argument(..., help="folder, CSV with a path column
            base_url: Optional[str] = None, model: Optional[str] = None, model_path: Optional[str] = None,
            retry_errors: bool = False) -> None:
     """Batch chart review: resumable, one row per chart, with an HTML page to skim."""
-    from rag_ecg.review import ReviewError
-    from rag_ecg.review import review as run_review
+    from rag_ecg.review.job import ReviewError
+    from rag_ecg.review.job import review as run_review
 
     opts = {k_: v for k_, v in dict(base_url=base_url, model=model, model_path=model_path).items() if v}
     try:
@@ -288,8 +288,8 @@ def eval_cmd(data: Path = typer.Option(..., help="PTB-XL-like folder, LUDB-like 
                                                        "index's per-label F1-best thresholds)"),
              k: int = 8, workers: int = 2, limit: Optional[int] = None, db: Optional[str] = DbOpt) -> None:
     """The whole pipeline on a labelled set under each preset: ECGBench metrics, report F1, citation validity."""
-    from rag_ecg.pipeline_eval import EvalConfig, EvalError, load_labelled, run_eval, table_rows, TABLE_COLUMNS
-    from rag_ecg.review import ReviewError
+    from rag_ecg.eval.pipeline import EvalConfig, EvalError, load_labelled, run_eval, table_rows, TABLE_COLUMNS
+    from rag_ecg.review.job import ReviewError
 
     opts = {k_: v for k_, v in dict(base_url=base_url, model=model, model_path=model_path).items() if v}
     if backend == "retrieval":
@@ -364,7 +364,7 @@ def quickstart(data: Path = typer.Option(None, help="folder holding ptbxl/ and/o
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         _fail(exc)
     print_summary(store)
-    from rag_ecg.pipeline_eval import TABLE_COLUMNS
+    from rag_ecg.eval.pipeline import TABLE_COLUMNS
 
     m = res["metrics"]
     table = Table(title=f"retrieval reader on {m.get('charts', 0)} fold-9 photo charts (PTB-XL superclasses)")

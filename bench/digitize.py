@@ -1,4 +1,4 @@
-"""Digitiser benchmark: how well and how fast `rag_ecg.digitize` reads pages back, per artifact preset.
+"""Digitiser benchmark: how well and how fast `rag_ecg.paper.digitize` reads pages back, per artifact preset.
 
 Why: the trace encoder sees an ECG only through the digitiser, so its read quality bounds retrieval on
 scanned and photographed charts. Pages are real PTB-XL fold-9 records drawn by the renderer (random
@@ -24,9 +24,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rag_ecg import paths  # noqa: E402
-from rag_ecg.digitize import DigitizeError, agreement, canonicalize, digitize  # noqa: E402
-from rag_ecg.records import ptbxl_record, read_ptbxl_index  # noqa: E402
-from rag_ecg.render import render_page_and_layout  # noqa: E402
+from rag_ecg.paper.digitize import DigitizeError, agreement, canonicalize, digitize  # noqa: E402
+from rag_ecg.data.records import ptbxl_record, read_ptbxl_index  # noqa: E402
+from rag_ecg.paper.render import render_page_and_layout  # noqa: E402
 
 
 def main() -> None:

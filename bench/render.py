@@ -28,8 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rag_ecg import paths  # noqa: E402
-from rag_ecg.records import ECGRecord, ptbxl_record, read_ptbxl_index  # noqa: E402
-from rag_ecg.render import render_page  # noqa: E402
+from rag_ecg.data.records import ECGRecord, ptbxl_record, read_ptbxl_index  # noqa: E402
+from rag_ecg.paper.render import render_page  # noqa: E402
 
 _RECORDS: list[ECGRecord] = []
 
@@ -105,7 +105,7 @@ def _job(args) -> int:
 
 
 def time_serial(records, preset, n, dpi, png) -> float:
-    """Seconds per page, one process (rag_ecg.render keeps OpenCV at one thread)."""
+    """Seconds per page, one process (rag_ecg.paper.render keeps OpenCV at one thread)."""
     _ours(records[0], preset, 0, dpi, png)  # warm caches (grid page, fonts)
     t = time.perf_counter()
     for i in range(n):

@@ -35,8 +35,8 @@ from rag_ecg import paths  # noqa: E402
 
 
 def _render_one(args) -> str:
-    from rag_ecg.records import read_wfdb
-    from rag_ecg.render import render_page
+    from rag_ecg.data.records import read_wfdb
+    from rag_ecg.paper.render import render_page
 
     rec, out, preset, seed, dpi = args
     render_page(read_wfdb(rec), preset=preset, seed=seed, dpi=dpi).save(out, "JPEG", quality=88)
@@ -57,8 +57,8 @@ def build_library(root: Path, shared: Path, n: int, workers: int):
     """A temp store with the first `n` PTB-XL records and a tiny-encoder index over its training split."""
     from index.build import BuildConfig, build_index
     from index.ingest import ingest
-    from rag_ecg.encoder import ECGEncoder
-    from rag_ecg.store import open_store
+    from rag_ecg.encoder.model import ECGEncoder
+    from rag_ecg.data.store import open_store
 
     store = open_store(f"sqlite:///{root / 'library.db'}")
     if (root / "index" / "manifest.json").exists():  # built by an earlier run in this --workdir
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workdir", type=Path, help="keep the charts, library and outputs here (reused)")
     args = ap.parse_args(argv)
 
-    from rag_ecg.review import review
-    from rag_ecg.store import open_store
+    from rag_ecg.review.job import review
+    from rag_ecg.data.store import open_store
 
     shared = paths.shared_data_dir()
     records = sorted((shared / "ptbxl" / "records100").glob("*.hea"), key=lambda p: int(p.stem.split("_")[0]))

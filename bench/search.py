@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rag_ecg.vector_index import IndexConfig, VectorIndex  # noqa: E402
+from rag_ecg.search.vector_index import IndexConfig, VectorIndex  # noqa: E402
 
 
 @dataclass

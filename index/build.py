@@ -23,11 +23,11 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from sqlalchemy import select
 
 from rag_ecg import __version__, paths
-from rag_ecg.evaluate import choose_thresholds, knn_scores, labels_to_matrix
-from rag_ecg.records import SUPERCLASSES
-from rag_ecg.retrieve import MANIFEST, Calibration, fit_platt
-from rag_ecg.store import Case, Store, load_case_record, scp_descriptions
-from rag_ecg.vector_index import IndexConfig, VectorIndex
+from rag_ecg.eval.metrics import choose_thresholds, knn_scores, labels_to_matrix
+from rag_ecg.data.labels import SUPERCLASSES
+from rag_ecg.search.retrieve import MANIFEST, Calibration, fit_platt
+from rag_ecg.data.store import Case, Store, load_case_record, scp_descriptions
+from rag_ecg.search.vector_index import IndexConfig, VectorIndex
 
 STATE = "build_state.json"
 
@@ -70,7 +70,7 @@ def select_cases(store: Store, cfg: BuildConfig) -> list[Case]:
 
 def _render_job(args) -> tuple[int, list, str | None]:
     """Worker: read a case's signal, draw its pages, keep one as a JPEG; returns PIL pages for the encoder."""
-    from rag_ecg.render import render_page
+    from rag_ecg.paper.render import render_page
 
     case, preset, n, dpi, page_dir, page_width = args
     try:
@@ -97,7 +97,7 @@ def build_index(store: Store, encoder_dir: str | Path, name: str = "default", ou
                 cfg: BuildConfig | None = None, progress: bool = True,
                 log: Callable[[str], None] = print) -> Path:
     """Build (or resume) the index `name`; returns its folder."""
-    from rag_ecg.encoder import ECGEncoder, case_text
+    from rag_ecg.encoder.model import ECGEncoder, case_text
 
     cfg = cfg or BuildConfig()
     out = Path(out_dir) if out_dir else paths.index_dir() / name
@@ -154,7 +154,7 @@ def build_index(store: Store, encoder_dir: str | Path, name: str = "default", ou
             bar.advance(ttask, len(chunk))
         texts.save(out / "texts.faiss")
 
-    from rag_ecg.encoder import TracePreprocess
+    from rag_ecg.encoder.model import TracePreprocess
 
     if isinstance(encoder.preprocess, TracePreprocess):  # the digitiser refuses pictures it cannot read traces from
         calibration = calibrate(images, done, cfg, floor=False)
@@ -202,7 +202,7 @@ def _artifact_top_scores(images: VectorIndex, cases: list[Case], cfg: BuildConfi
     """Best other-patient similarity of library ECGs drawn as photos/scans: what real queries look like."""
     rng = np.random.default_rng(0)
     pick = [cases[i] for i in sorted(rng.choice(len(cases), size=min(n, len(cases)), replace=False))]
-    from rag_ecg.render import render_page
+    from rag_ecg.paper.render import render_page
 
     pages, groups = [], []
     for i, c in enumerate(pick):

@@ -14,9 +14,9 @@ from typing import Callable, Iterable, Iterator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from sqlalchemy import select
 
-from rag_ecg.records import (ECGRecord, RecordError, find_wfdb_records, ptbxl_record, read_ludb,
+from rag_ecg.data.records import (ECGRecord, RecordError, find_wfdb_records, ptbxl_record, read_ludb,
                              read_ptbxl_index, read_wfdb)
-from rag_ecg.store import (Case, IngestRun, IngestSkip, Store, case_from_record, upsert_scp_statements)
+from rag_ecg.data.store import (Case, IngestRun, IngestSkip, Store, case_from_record, upsert_scp_statements)
 
 SOURCES = ("ptbxl", "ludb", "wfdb")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from rag_ecg import paths
-from rag_ecg.store import Store
+from rag_ecg.data.store import Store
 
 
 def ensure_encoder(store: Store, encoder: Path | None, minutes: float, log: Callable[[str], None]) -> Path:
@@ -19,7 +19,7 @@ def ensure_encoder(store: Store, encoder: Path | None, minutes: float, log: Call
     if encoder:
         return Path(encoder)
     run_dir = paths.data_dir() / "runs" / "encoder-quickstart"
-    from rag_ecg.encoder import ECGEncoder
+    from rag_ecg.encoder.model import ECGEncoder
 
     final = run_dir / "encoder"  # the recipe writes its finished checkpoint here (an interrupted run resumes)
     if (final / "manifest.json").exists():
@@ -36,7 +36,7 @@ def ensure_encoder(store: Store, encoder: Path | None, minutes: float, log: Call
 
 def ensure_index(store: Store, encoder: Path, name: str, log: Callable[[str], None]) -> Path:
     from index.build import build_index
-    from rag_ecg.encoder import ECGEncoder
+    from rag_ecg.encoder.model import ECGEncoder
 
     folder = paths.index_dir() / name
     manifest = folder / "manifest.json"
@@ -50,7 +50,7 @@ def ensure_index(store: Store, encoder: Path, name: str, log: Callable[[str], No
 def run(store: Store, data: Path, encoder: Path | None = None, minutes: float = 8.0, charts: int = 60,
         index_name: str = "default", log: Callable[[str], None] = print) -> dict:
     from index.ingest import ingest
-    from rag_ecg.pipeline_eval import EvalConfig, load_labelled, run_eval
+    from rag_ecg.eval.pipeline import EvalConfig, load_labelled, run_eval
 
     found = [(n, data / n) for n in ("ptbxl", "ludb") if (data / n).is_dir()]
     if not found:

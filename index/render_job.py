@@ -18,10 +18,10 @@ from typing import Callable, Iterable
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from rag_ecg.records import (ECGRecord, RecordError, find_wfdb_records, ptbxl_record, read_ludb, read_ptbxl_index,
+from rag_ecg.data.records import (ECGRecord, RecordError, find_wfdb_records, ptbxl_record, read_ludb, read_ptbxl_index,
                              read_wfdb)
-from rag_ecg.artifacts import PRESETS
-from rag_ecg.render import LAYOUTS, RenderConfig, atomic_save_image, atomic_write_text, render_page_and_layout
+from rag_ecg.paper.artifacts import PRESETS
+from rag_ecg.paper.render import LAYOUTS, RenderConfig, atomic_save_image, atomic_write_text, render_page_and_layout
 
 
 def render_many(record_paths_or_records: Iterable[ECGRecord | str | Path], out_dir: str | Path,

@@ -67,7 +67,7 @@ def store_url(request, tmp_path) -> str:
 def ingested_store(tmp_path_factory, ptbxl_dir, ludb_dir):
     """A real SQLite store with the first 80 PTB-XL cases and 5 LUDB cases (read-only for tests)."""
     from index.ingest import ingest
-    from rag_ecg.store import open_store
+    from rag_ecg.data.store import open_store
 
     db = tmp_path_factory.mktemp("store") / "cases.db"
     store = open_store(f"sqlite:///{db}")
@@ -81,7 +81,7 @@ def ingested_store(tmp_path_factory, ptbxl_dir, ludb_dir):
 def tiny_index(tmp_path_factory, ingested_store) -> dict:
     """A tiny random-init encoder and a real index built from the small store's training split."""
     from index.build import BuildConfig, build_index
-    from rag_ecg.encoder import ECGEncoder
+    from rag_ecg.encoder.model import ECGEncoder
 
     base = tmp_path_factory.mktemp("tiny_index")
     ECGEncoder.create("ecg-clip-tiny", seed=0).save(base / "encoder")
@@ -96,7 +96,7 @@ def scratch_store(tmp_path, ingested_store):
     review jobs write here, never into the shared session store."""
     import sqlite3
 
-    from rag_ecg.store import open_store
+    from rag_ecg.data.store import open_store
 
     src = sqlite3.connect(ingested_store.url.removeprefix("sqlite:///"))
     dst = sqlite3.connect(tmp_path / "scratch.db")

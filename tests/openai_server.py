@@ -18,8 +18,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Sequence
 
-from rag_ecg.evidence import Evidence, Neighbour
-from rag_ecg.records import SUPERCLASSES, read_ptbxl_index
+from rag_ecg.search.evidence import Evidence, Neighbour
+from rag_ecg.data.labels import SUPERCLASSES
+from rag_ecg.data.records import read_ptbxl_index
 
 
 class OpenAITestServer:

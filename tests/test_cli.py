@@ -7,8 +7,8 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from cli import app
-from rag_ecg.render import render_page
-from rag_ecg.store import Case, load_case_record
+from rag_ecg.paper.render import render_page
+from rag_ecg.data.store import Case, load_case_record
 
 runner = CliRunner()
 
@@ -44,7 +44,7 @@ def test_report_cites_only_retrieved_cases(tiny_index, ingested_store, tmp_path)
                               "--format", "json"])
     assert res.exit_code == 0, res.output
     rep = json.loads(res.output)
-    from rag_ecg.report import Report
+    from rag_ecg.reader.report import Report
 
     report = Report.from_dict(rep)
     retrieved = set(report.retrieval.case_ids)

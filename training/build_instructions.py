@@ -3,7 +3,7 @@
 Why: PULSE learned to read ECG images from ECGInstruct's four task families; rag-ecg also needs the model
 to use retrieved cases as evidence. Every answer here comes from the case's own coded labels (or its own
 signal, for the rate), never from a model, so it can be checked. A configurable share of samples shows the
-retrieved-case evidence block exactly as `rag_ecg.prompts.format_evidence` builds it at inference.
+retrieved-case evidence block exactly as `rag_ecg.reader.prompts.format_evidence` builds it at inference.
 
 Task families (ECGInstruct's four):
   classification - multiple choice / yes-no / list on PTB-XL superclasses and diagnostic SCP statements
@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+
+from rag_ecg.data.labels import SUPERCLASS_NAMES
 
 FAMILIES = ("classification", "rhythm", "morphology", "report")
 AMPLITUDE_CODES = ("LVOLT", "HVOLT", "VCLVH")
@@ -143,7 +145,7 @@ class Vocabulary:
     def from_store(cls, session, seen: set[str], exclude: Iterable[str]) -> "Vocabulary":
         from sqlalchemy import select
 
-        from rag_ecg.store import ScpStatementRow
+        from rag_ecg.data.store import ScpStatementRow
 
         ex = set(exclude)
         rows = [r for r in session.scalars(select(ScpStatementRow)) if r.code in seen and r.code not in ex]
@@ -172,8 +174,6 @@ def _present(case: CaseInfo, codes: Iterable[str], min_likelihood: float, diagno
 
 
 # ----------------------------------------------------------------------------------------------- phrasing
-SUPERCLASS_NAMES = {"NORM": "normal ECG", "MI": "myocardial infarction", "STTC": "ST/T change",
-                    "CD": "conduction disturbance", "HYP": "hypertrophy"}
 
 Q = {
     "superclass_mc": [
@@ -521,9 +521,9 @@ def evidence_from_hits(hits: list[tuple[float, CaseInfo]], k: int, descriptions:
                        temperature: float, probability=None, index_name: str = "",
                        encoder_hash: str = "", image_paths: dict[int, str] | None = None):
     """Top-k neighbours + similarity-weighted votes over them (the same vote the retriever computes)."""
-    from rag_ecg.evaluate import vote_scores
-    from rag_ecg.evidence import Evidence, Neighbour
-    from rag_ecg.records import SUPERCLASSES
+    from rag_ecg.eval.metrics import vote_scores
+    from rag_ecg.search.evidence import Evidence, Neighbour
+    from rag_ecg.data.labels import SUPERCLASSES
 
     hits = hits[:k]
     labels = list(SUPERCLASSES)
@@ -555,7 +555,7 @@ def encoder_retriever(encoder_dir: str | Path, cases: dict[int, CaseInfo], out_d
     """Nearest train pages by the trained encoder's cosine similarity (exact search over the train split)."""
     from PIL import Image
 
-    from rag_ecg.encoder import ECGEncoder
+    from rag_ecg.encoder.model import ECGEncoder
 
     enc = ECGEncoder.load(encoder_dir)
     lib = [c for c in cases.values() if c.split == "train"]
@@ -591,10 +591,10 @@ def encoder_retriever(encoder_dir: str | Path, cases: dict[int, CaseInfo], out_d
 
 def index_retriever(index_dir: str | Path, store, cases: dict[int, CaseInfo], out_dir: Path,
                     cfg: InstructionConfig, descriptions: dict[str, str]) -> Retrieve:
-    """A built index (rag_ecg.retrieve.Retriever): the case's page as the query, then our admissibility."""
+    """A built index (rag_ecg.search.retrieve.Retriever): the case's page as the query, then our admissibility."""
     from PIL import Image
 
-    from rag_ecg.retrieve import Retriever
+    from rag_ecg.search.retrieve import Retriever
 
     r = Retriever.open(index_dir, store)
     cal = r.calibration
@@ -648,9 +648,9 @@ def citation_sentence(case: CaseInfo, evidence) -> str:
 def _render_one(args: tuple) -> tuple[int, float | None, str | None]:
     """Worker: load the case's signal, write its page (once), measure its rate. -> (id, bpm, error)."""
     info, path, preset, seed, dpi = args
-    from rag_ecg.records import STANDARD_LEADS
-    from rag_ecg.render import atomic_save_image, estimate_heart_rate, render_page
-    from rag_ecg.store import Case, load_case_record
+    from rag_ecg.data.records import STANDARD_LEADS
+    from rag_ecg.paper.render import atomic_save_image, estimate_heart_rate, render_page
+    from rag_ecg.data.store import Case, load_case_record
 
     try:
         case = Case(id=info.id, source=info.source, external_id=info.external_id, patient_id=info.patient_id,
@@ -696,7 +696,7 @@ def render_pages(cases: list[CaseInfo], out_dir: Path, cfg: InstructionConfig, l
 def load_cases(store, cfg: InstructionConfig) -> tuple[list[CaseInfo], Vocabulary]:
     from sqlalchemy import select
 
-    from rag_ecg.store import Case
+    from rag_ecg.data.store import Case
 
     folds = {f: "train" for f in cfg.train_folds} | {f: "val" for f in cfg.val_folds}
     with store.session() as s:
@@ -717,8 +717,8 @@ def load_cases(store, cfg: InstructionConfig) -> tuple[list[CaseInfo], Vocabular
 
 def build(cfg: InstructionConfig, retrieve: Retrieve | None = None, log=print) -> Path:
     """Write the instruction set described by `cfg`; returns the manifest path."""
-    from rag_ecg.prompts import format_evidence
-    from rag_ecg.store import open_store, scp_descriptions
+    from rag_ecg.reader.prompts import format_evidence
+    from rag_ecg.data.store import open_store, scp_descriptions
 
     out = Path(cfg.out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)

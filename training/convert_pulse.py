@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
+from rag_ecg.errors import InputError
 
 # LLaVA-repo name prefix -> Hugging Face LLaVA-NeXT prefix; the first matching rule wins.
 KEY_RULES: tuple[tuple[str, str], ...] = (
@@ -73,7 +74,7 @@ KNOWN_VISION_TOWERS: dict[str, dict] = {
 }
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """The source is not a convertible LLaVA-v1.6 checkpoint; the message says what is wrong."""
 
 

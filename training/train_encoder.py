@@ -50,7 +50,7 @@ VAL_STREAM = 1 << 30  # the "epoch" of the fixed validation renders (no training
 class EncoderTrainConfig:
     """One encoder training run; saved beside its outputs as config.yaml."""
 
-    model: str = "ecg-clip-trace"  # model config name in rag_ecg/model_configs/ (ecg-clip-tiny|cpu|trace|b16)
+    model: str = "ecg-clip-trace"  # model config name in rag_ecg/encoder/model_configs/ (ecg-clip-tiny|cpu|trace|b16)
     model_overrides: dict = field(default_factory=dict)  # deep-merged into the model config (e.g. image_size)
     db: str | None = None  # case store URL (None: $RAG_ECG_DB or ./data/rag_ecg.db)
     sources: list[str] = field(default_factory=lambda: ["ptbxl"])  # case sources to train/validate on
@@ -168,9 +168,9 @@ def load_cases(cfg: EncoderTrainConfig, folds: Sequence[int], limit: int | None,
     """Read the cases of `folds` (and `cfg.sources`) from the store, signals included."""
     from sqlalchemy import select
 
-    from rag_ecg.encoder import case_text
-    from rag_ecg.evaluate import labels_to_matrix
-    from rag_ecg.store import Case, open_store, scp_descriptions
+    from rag_ecg.encoder.model import case_text
+    from rag_ecg.eval.metrics import labels_to_matrix
+    from rag_ecg.data.store import Case, open_store, scp_descriptions
 
     own = store is None
     store = store or open_store(cfg.db)
@@ -204,7 +204,7 @@ _CASE_FIELDS = ("source", "external_id", "signal_path", "patient_id", "age", "se
 def _load_one(fields: dict):
     from types import SimpleNamespace
 
-    from rag_ecg.store import load_case_record
+    from rag_ecg.data.store import load_case_record
 
     return load_case_record(SimpleNamespace(**fields))
 
@@ -246,7 +246,7 @@ class RenderedPages:
         return len(self.cases.records)
 
     def page(self, epoch: int, index: int):
-        from rag_ecg.render import render_page
+        from rag_ecg.paper.render import render_page
 
         s = render_seed(self.seed, epoch, index)
         preset = self.preset
@@ -411,8 +411,8 @@ def _train(cfg: EncoderTrainConfig, store=None) -> Path:
     import torch
 
     from rag_ecg import paths
-    from rag_ecg.encoder import ECGEncoder, resolve_device
-    from rag_ecg.records import SUPERCLASSES
+    from rag_ecg.encoder.model import ECGEncoder, resolve_device
+    from rag_ecg.data.labels import SUPERCLASSES
 
     dev = resolve_device(cfg.device)
     if dev == "cuda":
@@ -565,7 +565,7 @@ def _train(cfg: EncoderTrainConfig, store=None) -> Path:
         minutes = (time.time() - t0) / 60
         metrics: dict[str, Any] = {}
         if cfg.final_eval:
-            from rag_ecg.evaluate import evaluate_encoder, flat_metrics
+            from rag_ecg.eval.metrics import evaluate_encoder, flat_metrics
 
             say("final evaluation: rendering the library and the queries")
             result = evaluate_encoder(encoder, train_set.records, val_set.records, cfg.eval_presets,
@@ -594,7 +594,7 @@ def quick_validation(encoder, val_pixels, val_set: CaseSet, cfg: EncoderTrainCon
     import torch
     import torch.nn.functional as F
 
-    from rag_ecg.evaluate import knn_scores, macro_auc, recall_at_k
+    from rag_ecg.eval.metrics import knn_scores, macro_auc, recall_at_k
 
     enc = encoder
     img = enc.embed_pixels(val_pixels)
@@ -621,7 +621,7 @@ def quick_validation(encoder, val_pixels, val_set: CaseSet, cfg: EncoderTrainCon
 
 def _render_fixed(cases: CaseSet, preprocess, preset: str, dpi: int, seed: int) -> np.ndarray:
     """Validation pages rendered once with fixed seeds: (n, H, W, 3) uint8."""
-    from rag_ecg.render import render_page
+    from rag_ecg.paper.render import render_page
 
     return np.stack([preprocess.pixels(render_page(r, preset=preset, seed=render_seed(seed, VAL_STREAM, i), dpi=dpi),
                                        strict=False)
@@ -706,7 +706,7 @@ def _restore(d: Path, state: dict | None, encoder, opt, sched, dev: str, say) ->
     """Restore weights, optimizer, scheduler and RNG from run_dir/last; (start_epoch, step) or (0, 0)."""
     import torch
 
-    from rag_ecg.encoder import ECGEncoder, EncoderLoadError
+    from rag_ecg.encoder.model import ECGEncoder, EncoderLoadError
 
     if state is None:
         return 0, 0
@@ -843,10 +843,10 @@ def evaluate_checkpoint(checkpoint: str | Path, db: str | None = None, presets: 
     """Entry point for `cli.py eval-encoder CHECKPOINT`: fold-9 queries vs the folds 1-8 library.
 
     `dpi=None` renders at the dpi the checkpoint was trained with (100 if unknown). Print the result
-    with `summarize(result)`; `rag_ecg.evaluate.flat_metrics(result)` flattens it for JSON.
+    with `summarize(result)`; `rag_ecg.eval.metrics.flat_metrics(result)` flattens it for JSON.
     """
-    from rag_ecg.encoder import ECGEncoder
-    from rag_ecg.evaluate import evaluate_encoder
+    from rag_ecg.encoder.model import ECGEncoder
+    from rag_ecg.eval.metrics import evaluate_encoder
 
     encoder = ECGEncoder.load(checkpoint, device=device)
     if dpi is None:

@@ -1,0 +1,160 @@
+"""Loading user images: every supported type loads upright as RGB; every bad file fails with one clear line."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rag_ecg.data.images import ImageLoadError, load_image
+
+
+def _page(w: int = 120, h: int = 80) -> Image.Image:
+    """A small landscape test card: white, a red marker in the top-left corner, a black line."""
+    arr = np.full((h, w, 3), 255, np.uint8)
+    arr[:10, :16] = (255, 0, 0)
+    arr[h // 2, :] = 0
+    return Image.fromarray(arr)
+
+
+@pytest.mark.parametrize("suffix,kw", [(".png", {}), (".bmp", {}), (".tif", {"compression": "tiff_lzw"}),
+                                       (".jpg", {"quality": 95})])
+def test_common_formats_load_as_rgb(tmp_path, suffix, kw):
+    p = tmp_path / f"ecg{suffix}"
+    _page().save(p, **kw)
+    im = load_image(p)
+    assert im.mode == "RGB" and im.size == (120, 80)
+    r, g, b = im.getpixel((5, 5))
+    assert r > 200 and g < 60 and b < 60  # the red marker survived
+
+
+def test_jpeg_exif_orientation_is_applied(tmp_path):
+    p = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: display rotated 90° clockwise
+    _page().save(p, exif=exif, quality=95)
+    im = load_image(p)
+    assert im.size == (80, 120)
+    r, g, b = im.getpixel((75, 5))  # top-left marker is now top-right
+    assert r > 200 and g < 60
+
+
+def test_pdf_first_page_renders_at_requested_dpi(tmp_path, ludb_dir):
+    from rag_ecg.data.records import read_ludb
+    from rag_ecg.paper.render import RenderConfig, render_record
+
+    page = render_record(read_ludb(ludb_dir / "data" / "2"), RenderConfig(dpi=50)).image
+    second = _page()
+    p = tmp_path / "ecg.pdf"
+    page.save(p, "PDF", resolution=50.0, save_all=True, append_images=[second])
+    im = load_image(p, pdf_dpi=100)
+    assert im.mode == "RGB"
+    assert im.size[0] == pytest.approx(page.size[0] * 2, abs=2) and im.size[1] == pytest.approx(page.size[1] * 2, abs=2)
+    small = np.asarray(im.resize(page.size)).astype(int)
+    assert np.abs(small - np.asarray(page).astype(int)).mean() < 12  # it is the first page, not the card
+
+
+@pytest.mark.parametrize("mode", ["L", "1", "RGBA", "LA", "P", "P+transparency", "CMYK", "I;16"])
+def test_other_modes_are_normalised_to_rgb(tmp_path, mode):
+    src = _page()
+    p = tmp_path / ("ecg.tif" if mode == "CMYK" else "ecg.png")
+    if mode == "I;16":  # 16-bit grey, as some scanners write
+        img = Image.fromarray(np.asarray(src.convert("L")).astype(np.uint16) * 257)
+        assert img.mode == "I;16"
+    elif mode == "P+transparency":
+        img = src.convert("P")
+        img.info["transparency"] = 255
+    else:
+        img = src.convert(mode)
+    img.save(p)
+    im = load_image(p)
+    assert im.mode == "RGB" and im.size == (120, 80)
+    assert np.asarray(im)[40].max() < 60  # the black line is still black
+    assert min(np.asarray(im)[75, 100]) > 200  # white paper stays white
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    arr = np.zeros((20, 30, 4), np.uint8)
+    arr[5:10, :, 3] = 255  # one opaque black band, the rest fully transparent
+    p = tmp_path / "ecg.png"
+    Image.fromarray(arr, "RGBA").save(p)
+    im = np.asarray(load_image(p))
+    assert (im[0] == 255).all() and (im[7] == 0).all()
+
+
+def test_multipage_tiff_gives_first_page(tmp_path):
+    p = tmp_path / "scan.tif"
+    first, second = _page(), Image.new("RGB", (120, 80), "black")
+    first.save(p, save_all=True, append_images=[second])
+    assert min(load_image(p).getpixel((100, 70))) > 200
+
+
+def _fails(path, match, **kw):
+    with pytest.raises(ImageLoadError, match=match) as err:
+        load_image(path, **kw)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(path.name + ":")
+    assert isinstance(err.value, ValueError)
+    return msg
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "ecg-01.png"
+    p.write_bytes(b"")
+    _fails(p, "empty file")
+
+
+def test_text_file_is_not_an_image(tmp_path):
+    p = tmp_path / "ecg-07.jpg"
+    p.write_text("patient 7, 12-lead ECG, sinus rhythm\n")
+    msg = _fails(p, r"not an image \(looks like text; expected PNG, JPEG, BMP, TIFF or PDF\)")
+    assert msg.startswith("ecg-07.jpg: not an image")
+
+
+def test_wfdb_header_gets_a_hint(tmp_path):
+    p = tmp_path / "00310_lr.hea"
+    p.write_text("00310_lr 12 100 1000\n")
+    _fails(p, "a WFDB record file")
+
+
+def test_random_bytes_are_not_an_image(tmp_path):
+    p = tmp_path / "ecg.png"
+    p.write_bytes(np.random.default_rng(0).integers(1, 255, 4000, dtype=np.uint8).tobytes())
+    _fails(p, "not an image")
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif"])
+def test_truncated_file_is_corrupt(tmp_path, suffix):
+    full = tmp_path / f"full{suffix}"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(full)
+    p = tmp_path / f"cut{suffix}"
+    p.write_bytes(full.read_bytes()[: full.stat().st_size // 3])
+    _fails(p, "corrupt or truncated|unreadable image")
+
+
+def test_corrupt_pdf(tmp_path):
+    p = tmp_path / "ecg.pdf"
+    p.write_bytes(b"%PDF-1.7\n%garbage that is no PDF at all\n" * 3)
+    _fails(p, "unreadable PDF")
+
+
+def test_over_the_pixel_limit(tmp_path):
+    p = tmp_path / "big.png"
+    _page().save(p)
+    _fails(p, r"image too large \(120x80 = 9,600 pixels; limit 5,000\)", max_pixels=5000)
+    pdf = tmp_path / "big.pdf"
+    _page().save(pdf, "PDF", resolution=10.0)  # a 12 x 8 inch page
+    _fails(pdf, "use a lower pdf_dpi", pdf_dpi=600, max_pixels=10_000_000)
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    p = tmp_path / "bomb.png"
+    Image.new("1", (10_000, 10_000)).save(p)  # 100 Mpx that compress to a few kB
+    assert p.stat().st_size < 200_000
+    _fails(p, "image too large")
+
+
+def test_missing_file_and_folder(tmp_path):
+    _fails(tmp_path / "nope.png", "no such file")
+    d = tmp_path / "folder.png"
+    d.mkdir()
+    _fails(d, "not a file")
