@@ -1,6 +1,8 @@
 """rag-ecg command line: the one entry point (`python cli.py --help`).
 
 Each command is a thin typed wrapper over a job in `index/` or `training/` or a library call in `rag_ecg/`.
+Each command imports what it runs inside its own body, on purpose: importing every job up front costs ~10 s
+(torch, open_clip, FAISS, OpenCV, wfdb), which `--help` or a one-line error should not pay.
 """
 from __future__ import annotations
 
@@ -9,20 +11,66 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on (or reach for) a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.table import Table
+from typer.core import TyperGroup
 
 from rag_ecg import paths
+from rag_ecg.errors import InputError, RagEcgError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Interpret ECG images by retrieving similar past cases.")
 console = Console()
 err = Console(stderr=True)
+
+# Exit codes (README "Exit codes"): 0 ok, 1 other error, 2 bad input (file, record, picture, option, config),
+# 3 reader backend or server failed, 4 artifact missing or mismatched (encoder, index, job).
+USER_FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+class OneLineErrors(TyperGroup):
+    """Every command reports rag-ecg's errors (and unreadable user files) as one line and a documented exit
+    code, instead of a traceback; anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except RagEcgError as exc:
+            _print_error(exc)
+            raise typer.Exit(exc.exit_code) from None
+        except USER_FILE_ERRORS as exc:
+            _print_error(exc)
+            raise typer.Exit(2) from None
+
+
+def _print_error(exc: BaseException) -> None:
+    logging.getLogger("rag_ecg").debug("where it happened", exc_info=exc)  # --verbose shows the traceback
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    err.print(f"[red]error:[/] {text}", markup=True, highlight=False, soft_wrap=True)  # one line, any width
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=OneLineErrors,
+                  help="Interpret ECG images by retrieving similar past cases.")
+
+
+@app.callback()
+def _logging(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug messages too"),
+             quiet: bool = typer.Option(False, "--quiet", "-q", help="warnings and errors only")) -> None:
+    """Library modules log through named loggers (`rag_ecg.*`, `index.*`, `training.*`); show them here."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = RichHandler(console=Console(stderr=True), show_time=verbose, show_path=verbose,
+                          show_level=verbose, markup=False, rich_tracebacks=False)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("rag_ecg", "index", "training"):
+        log = logging.getLogger(name)
+        log.handlers[:] = [handler]
+        log.setLevel(level)
+        log.propagate = False
 
 DbOpt = typer.Option(None, "--db", help="SQLAlchemy URL of the case store "
                      "(default: $RAG_ECG_DB or a SQLite file under ./data).")
@@ -31,11 +79,7 @@ DbOpt = typer.Option(None, "--db", help="SQLAlchemy URL of the case store "
 def _store(db: Optional[str]):
     from rag_ecg.data.store import open_store
 
-    try:
-        return open_store(db)
-    except RuntimeError as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2)
+    return open_store(db)
 
 
 def print_summary(store) -> None:
@@ -66,12 +110,7 @@ def ingest(source: str = typer.Argument(..., help="ptbxl | ludb | wfdb (any fold
     from index.ingest import ingest as run_ingest
 
     store = _store(db)
-    try:
-        res = run_ingest(store, source, path, batch_size=batch_size, limit=limit,
-                         log=lambda m: err.print(f"[yellow]{m}[/]", markup=True, highlight=False))
-    except (ValueError, FileNotFoundError) as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2)
+    res = run_ingest(store, source, path, batch_size=batch_size, limit=limit)
     console.print(f"{source}: {res.seen} records read, {res.inserted} new, {res.updated} updated, "
                   f"{len(res.skipped)} skipped")
     print_summary(store)
@@ -81,11 +120,6 @@ def ingest(source: str = typer.Argument(..., help="ptbxl | ludb | wfdb (any fold
 def stats(db: Optional[str] = DbOpt) -> None:
     """Print what the case store holds (counts per source, superclass and split)."""
     print_summary(_store(db))
-
-
-def _fail(exc: Exception, code: int = 2):
-    err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, whatever the width
-    raise typer.Exit(code)
 
 
 def _index_dir(index: str) -> Path:
@@ -126,7 +160,7 @@ def eval_encoder(checkpoint: Path, db: Optional[str] = DbOpt,
     """Fold-9 queries vs the folds 1-8 library: recall@k and kNN superclass AUC/F1/Hamming."""
     import json
 
-    from rag_ecg.eval.metrics import flat_metrics
+    from rag_ecg.eval.encoder_eval import flat_metrics
     from training.train_encoder import evaluate_checkpoint, summarize
 
     result = evaluate_checkpoint(checkpoint, db=db, presets=presets.split(","), k=k)
@@ -149,44 +183,31 @@ def build_index_cmd(encoder: Path = typer.Option(..., help="encoder checkpoint f
     cfg = BuildConfig(splits=None if split == "all" else split.split(","),
                       include_unsplit=split == "all", sources=source.split(",") if source else None,
                       preset=preset, renders_per_case=renders_per_case, index={"kind": kind}, limit=limit)
-    try:
-        folder = build_index(_store(db), encoder, name=name, out_dir=out, cfg=cfg)
-    except (ValueError, RuntimeError) as exc:
-        _fail(exc)
+    folder = build_index(_store(db), encoder, name=name, out_dir=out, cfg=cfg)
     console.print(f"index: {folder}")
 
 
 def _query_evidence(query: Optional[Path], text: Optional[str], index: str, db: Optional[str], k: int,
                     source: Optional[str]):
-    from rag_ecg.data.images import ImageLoadError, load_image
-    from rag_ecg.data.records import RecordError, read_wfdb
-    from rag_ecg.search.retrieve import IndexNotReadyError, Retriever
-
-    store = _store(db)
-    try:
-        retriever = Retriever.open(_index_dir(index), store)
-    except (IndexNotReadyError, ValueError) as exc:
-        _fail(exc)
-    image = None
-    try:
-        if text:
-            return retriever.search_texts([text], k, source=source)[0], None
-        if query is None:
-            _fail(ValueError("give a QUERY (image, PDF or WFDB record) or --text"))
-        if query.suffix == ".hea" or query.with_suffix(".hea").exists() and not query.suffix:
-            from rag_ecg.paper.render import render_page
-
-            image = render_page(read_wfdb(query), preset="clean", dpi=retriever.manifest["build"]["dpi"])
-        else:
-            image = load_image(query)
-    except (ImageLoadError, RecordError) as exc:
-        _fail(exc)
+    from rag_ecg.data.images import load_image
+    from rag_ecg.data.records import read_wfdb
     from rag_ecg.paper.digitize import DigitizeError
+    from rag_ecg.paper.render import render_page
+    from rag_ecg.search.retrieve import Retriever
 
+    retriever = Retriever.open(_index_dir(index), _store(db))
+    if text:
+        return retriever.search_texts([text], k, source=source)[0], None
+    if query is None:
+        raise InputError("give a QUERY (image, PDF or WFDB record) or --text")
+    if query.suffix == ".hea" or query.with_suffix(".hea").exists() and not query.suffix:
+        image = render_page(read_wfdb(query), preset="clean", dpi=retriever.manifest["build"]["dpi"])
+    else:
+        image = load_image(query)
     try:
         return retriever.search_images([image], k, source=source)[0], image
-    except DigitizeError as exc:  # the trace encoder found no ECG traces on the picture
-        _fail(ValueError(f"{query}: {exc}"))
+    except DigitizeError as exc:  # the trace encoder found no ECG traces on the picture: name the file
+        raise DigitizeError(f"{query}: {exc}") from None
 
 
 @app.command()
@@ -203,12 +224,13 @@ def search(query: Optional[Path] = typer.Argument(None, help="image (PNG/JPEG/TI
     if fmt == "json":
         body = json.dumps(evidence.to_dict(), indent=2, default=str)
     elif fmt == "html":
-        from rag_ecg.reader.interpret import get_backend
+        from rag_ecg.reader.backends import get_backend
         from rag_ecg.reader.interpret import interpret
+        from rag_ecg.reader.report_render import render_html
 
         report = interpret(image, evidence, get_backend("retrieval"))
-        body = report.to_html(query_image=image,
-                              case_images={n.case_id: n.image_path for n in evidence.neighbours if n.image_path})
+        body = render_html(report, query_image=image,
+                           case_images={n.case_id: n.image_path for n in evidence.neighbours if n.image_path})
     else:
         table = Table(title=f"{len(evidence.neighbours)} nearest cases")
         for col in ("case", "score", "source:id", "age/sex", "superclasses", "report"):
@@ -239,15 +261,12 @@ def report(query: Path = typer.Argument(..., help="ECG image (PNG/JPEG/TIFF/BMP/
            no_cot: bool = typer.Option(False, help="short prompt (small context windows)"),
            max_cases: Optional[int] = typer.Option(None, help="cases shown to the LLM")) -> None:
     """A grounded report for one ECG image, citing the retrieved cases it relied on."""
-    from rag_ecg.reader.interpret import BackendError, report_command
+    from rag_ecg.reader.interpret import report_command
 
     evidence, image = _query_evidence(query, None, index, db, k, None)
     opts = {k_: v for k_, v in dict(base_url=base_url, model=model, model_path=model_path).items() if v}
-    try:
-        text = report_command(query if image is None else image, evidence, backend=backend, fmt=fmt, out=out,
-                              backend_options=opts, cot=not no_cot, max_cases=max_cases)
-    except (BackendError, ValueError) as exc:
-        _fail(exc, 1)
+    text = report_command(query if image is None else image, evidence, backend=backend, fmt=fmt, out=out,
+                          backend_options=opts, cot=not no_cot, max_cases=max_cases)
     print(text) if out is None else console.print(f"written {out}")
 
 
@@ -261,16 +280,11 @@ def review(input: str = typer.Argument(..., help="folder, CSV with a path column
            base_url: Optional[str] = None, model: Optional[str] = None, model_path: Optional[str] = None,
            retry_errors: bool = False) -> None:
     """Batch chart review: resumable, one row per chart, with an HTML page to skim."""
-    from rag_ecg.review.job import ReviewError
-    from rag_ecg.review.job import review as run_review
+    from rag_ecg.review.run import review as run_review
 
     opts = {k_: v for k_, v in dict(base_url=base_url, model=model, model_path=model_path).items() if v}
-    try:
-        s = run_review(input, out, store=db, index_dir=index, backend=backend, backend_options=opts, k=k,
-                       workers=workers, batch_size=batch_size, engine=engine, limit=limit,
-                       retry_errors=retry_errors)
-    except ReviewError as exc:
-        _fail(exc, 1)
+    s = run_review(input, out, store=db, index_dir=index, backend=backend, backend_options=opts, k=k,
+                   workers=workers, batch_size=batch_size, engine=engine, limit=limit, retry_errors=retry_errors)
     console.print(s.text())
 
 
@@ -288,21 +302,17 @@ def eval_cmd(data: Path = typer.Option(..., help="PTB-XL-like folder, LUDB-like 
                                                        "index's per-label F1-best thresholds)"),
              k: int = 8, workers: int = 2, limit: Optional[int] = None, db: Optional[str] = DbOpt) -> None:
     """The whole pipeline on a labelled set under each preset: ECGBench metrics, report F1, citation validity."""
-    from rag_ecg.eval.pipeline import EvalConfig, EvalError, load_labelled, run_eval, table_rows, TABLE_COLUMNS
-    from rag_ecg.review.job import ReviewError
+    from rag_ecg.eval.pipeline import TABLE_COLUMNS, EvalConfig, load_labelled, run_eval, table_rows
 
     opts = {k_: v for k_, v in dict(base_url=base_url, model=model, model_path=model_path).items() if v}
     if backend == "retrieval":
         opts["threshold"] = threshold
-    try:
-        labelled = load_labelled(data, split, limit)
-        slug = "".join(ch if ch.isalnum() else "-" for ch in labelled.name).strip("-")
-        out = out or paths.data_dir() / "eval" / slug
-        cfg = EvalConfig(presets=[p.strip() for p in presets.split(",") if p.strip()], backend=backend,
-                         backend_options=opts, k=k, workers=workers)
-        res = run_eval(labelled, out, _store(db), index, cfg, log=lambda m: console.print(m, highlight=False))
-    except (EvalError, ReviewError, FileNotFoundError) as exc:
-        _fail(exc, 1)
+    labelled = load_labelled(data, split, limit)
+    slug = "".join(ch if ch.isalnum() else "-" for ch in labelled.name).strip("-")
+    out = out or paths.data_dir() / "eval" / slug
+    cfg = EvalConfig(presets=[p.strip() for p in presets.split(",") if p.strip()], backend=backend,
+                     backend_options=opts, k=k, workers=workers)
+    res = run_eval(labelled, out, _store(db), index, cfg)
     table = Table(title=f"{res['set']}: {res['charts']} charts, {backend} reader (PTB-XL superclasses)")
     for col in ["preset", "charts"] + [name for _, name in TABLE_COLUMNS]:
         table.add_column(col, justify="left" if col == "preset" else "right")
@@ -358,11 +368,7 @@ def quickstart(data: Path = typer.Option(None, help="folder holding ptbxl/ and/o
     from index.quickstart import run
 
     store = _store(db)
-    try:
-        res = run(store, data or paths.shared_data_dir(), encoder=encoder, minutes=minutes, charts=charts,
-                  log=lambda m: console.print(m, highlight=False))
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        _fail(exc)
+    res = run(store, data or paths.shared_data_dir(), encoder=encoder, minutes=minutes, charts=charts)
     print_summary(store)
     from rag_ecg.eval.pipeline import TABLE_COLUMNS
 

@@ -24,6 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -49,7 +50,6 @@ def matplotlib_page(rec: ECGRecord, dpi: int, fmt: str = "raw"):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import AutoMinorLocator
-    from PIL import Image
 
     sig, fs = rec.signal_mv(), rec.fs
     fig, ax = plt.subplots(figsize=(297 / 25.4, 210 / 25.4))
@@ -105,7 +105,7 @@ def _job(args) -> int:
 
 
 def time_serial(records, preset, n, dpi, png) -> float:
-    """Seconds per page, one process (rag_ecg.paper.render keeps OpenCV at one thread)."""
+    """Seconds per page, one process (rag_ecg.paper.drawing keeps OpenCV at one thread)."""
     _ours(records[0], preset, 0, dpi, png)  # warm caches (grid page, fonts)
     t = time.perf_counter()
     for i in range(n):

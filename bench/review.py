@@ -31,13 +31,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from index.build import BuildConfig, build_index  # noqa: E402
+from index.ingest import ingest  # noqa: E402
 from rag_ecg import paths  # noqa: E402
+from rag_ecg.data.records import read_wfdb  # noqa: E402
+from rag_ecg.data.store import open_store  # noqa: E402
+from rag_ecg.encoder.model import ECGEncoder  # noqa: E402
+from rag_ecg.paper.render import render_page  # noqa: E402
+from rag_ecg.review.run import review  # noqa: E402
 
 
 def _render_one(args) -> str:
-    from rag_ecg.data.records import read_wfdb
-    from rag_ecg.paper.render import render_page
-
     rec, out, preset, seed, dpi = args
     render_page(read_wfdb(rec), preset=preset, seed=seed, dpi=dpi).save(out, "JPEG", quality=88)
     return out
@@ -55,18 +59,13 @@ def render_charts(records: list[Path], folder: Path, preset: str, dpi: int, work
 
 def build_library(root: Path, shared: Path, n: int, workers: int):
     """A temp store with the first `n` PTB-XL records and a tiny-encoder index over its training split."""
-    from index.build import BuildConfig, build_index
-    from index.ingest import ingest
-    from rag_ecg.encoder.model import ECGEncoder
-    from rag_ecg.data.store import open_store
-
     store = open_store(f"sqlite:///{root / 'library.db'}")
     if (root / "index" / "manifest.json").exists():  # built by an earlier run in this --workdir
         return store, root / "index"
-    ingest(store, "ptbxl", shared / "ptbxl", limit=n, progress=False, log=lambda m: None)
+    ingest(store, "ptbxl", shared / "ptbxl", limit=n, progress=False)
     ECGEncoder.create("ecg-clip-tiny", seed=0).save(root / "encoder")
     index = build_index(store, root / "encoder", name="bench-review", out_dir=root / "index",
-                        cfg=BuildConfig(workers=workers, page_width=400), progress=False, log=lambda m: None)
+                        cfg=BuildConfig(workers=workers, page_width=400), progress=False)
     return store, index
 
 
@@ -90,9 +89,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--engine", default="local", choices=("local", "ray"))
     ap.add_argument("--workdir", type=Path, help="keep the charts, library and outputs here (reused)")
     args = ap.parse_args(argv)
-
-    from rag_ecg.review.job import review
-    from rag_ecg.data.store import open_store
 
     shared = paths.shared_data_dir()
     records = sorted((shared / "ptbxl" / "records100").glob("*.hea"), key=lambda p: int(p.stem.split("_")[0]))

@@ -22,11 +22,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rag_ecg.search.vector_index import IndexConfig, VectorIndex  # noqa: E402
+from rag_ecg.search.index_config import IndexConfig  # noqa: E402
+from rag_ecg.search.vector_index import VectorIndex  # noqa: E402
 
 
 @dataclass
@@ -143,10 +147,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args(argv)
     n = 100_000 if a.quick else a.n
-
-    import faiss
-    from rich.console import Console
-    from rich.table import Table
 
     console = Console(width=160)
     load0 = os.getloadavg()

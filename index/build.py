@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -23,11 +24,22 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from sqlalchemy import select
 
 from rag_ecg import __version__, paths
-from rag_ecg.eval.metrics import choose_thresholds, knn_scores, labels_to_matrix
 from rag_ecg.data.labels import SUPERCLASSES
-from rag_ecg.search.retrieve import MANIFEST, Calibration, fit_platt
 from rag_ecg.data.store import Case, Store, load_case_record, scp_descriptions
-from rag_ecg.search.vector_index import IndexConfig, VectorIndex
+from rag_ecg.encoder.checkpoint import MANIFEST as ENCODER_MANIFEST
+from rag_ecg.encoder.model import ECGEncoder
+from rag_ecg.encoder.preprocess import TracePreprocess
+from rag_ecg.encoder.text import case_text
+from rag_ecg.errors import ArtifactError, InputError
+from rag_ecg.eval.metrics import choose_thresholds, knn_scores, labels_to_matrix
+from rag_ecg.io import atomic_write_with, read_json, write_json
+from rag_ecg.paper.render import render_page
+from rag_ecg.search.calibration import Calibration, fit_platt
+from rag_ecg.search.index_config import IndexConfig
+from rag_ecg.search.retrieve import MANIFEST
+from rag_ecg.search.vector_index import VectorIndex
+
+log = logging.getLogger(__name__)
 
 STATE = "build_state.json"
 
@@ -70,8 +82,6 @@ def select_cases(store: Store, cfg: BuildConfig) -> list[Case]:
 
 def _render_job(args) -> tuple[int, list, str | None]:
     """Worker: read a case's signal, draw its pages, keep one as a JPEG; returns PIL pages for the encoder."""
-    from rag_ecg.paper.render import render_page
-
     case, preset, n, dpi, page_dir, page_width = args
     try:
         rec = load_case_record(case)
@@ -88,25 +98,21 @@ def _render_job(args) -> tuple[int, list, str | None]:
 
 def _save_jpeg(img, path: Path, width: int) -> None:
     h = round(img.height * width / img.width)
-    tmp = path.with_suffix(".tmp")
-    img.resize((width, h)).convert("RGB").save(tmp, "JPEG", quality=85)
-    os.replace(tmp, path)
+    page = img.resize((width, h)).convert("RGB")
+    atomic_write_with(path, lambda tmp: page.save(tmp, "JPEG", quality=85))
 
 
 def build_index(store: Store, encoder_dir: str | Path, name: str = "default", out_dir: str | Path | None = None,
-                cfg: BuildConfig | None = None, progress: bool = True,
-                log: Callable[[str], None] = print) -> Path:
+                cfg: BuildConfig | None = None, progress: bool = True) -> Path:
     """Build (or resume) the index `name`; returns its folder."""
-    from rag_ecg.encoder.model import ECGEncoder, case_text
-
     cfg = cfg or BuildConfig()
     out = Path(out_dir) if out_dir else paths.index_dir() / name
     out.mkdir(parents=True, exist_ok=True)
     encoder = ECGEncoder.load(encoder_dir)
     state_path = out / STATE
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    state = read_json(state_path) if state_path.exists() else {}
     if state and (state.get("key") != cfg.key() or state.get("encoder_hash") != encoder.checkpoint_hash):
-        log(f"{out}: settings or encoder changed since the last build; starting over")
+        log.warning("%s: settings or encoder changed since the last build; starting over", out)
         for f in ("images.faiss", "images.json", "texts.faiss", "texts.json", MANIFEST):
             (out / f).unlink(missing_ok=True)
         state = {}
@@ -114,14 +120,14 @@ def build_index(store: Store, encoder_dir: str | Path, name: str = "default", ou
     if not state:
         _copy_encoder(Path(encoder_dir), out / "encoder")
         state = {"key": cfg.key(), "encoder_hash": encoder.checkpoint_hash, "skipped": {}}
-        _write_json(state_path, state)
+        write_json(state_path, state)
     encoder = ECGEncoder.load(out / "encoder")
     if encoder.checkpoint_hash != state["encoder_hash"]:
-        raise RuntimeError(f"{out / 'encoder'}: encoder copy does not match the build state; delete {out}")
+        raise ArtifactError(f"{out / 'encoder'}: encoder copy does not match the build state; delete {out}")
 
     cases = select_cases(store, cfg)
     if not cases:
-        raise ValueError("no cases match the build settings (ingest data first, or change --split/--source)")
+        raise InputError("no cases match the build settings (ingest data first, or change --split/--source)")
     icfg = IndexConfig.from_dict(cfg.index)
     img_path = out / "images.faiss"
     images = (VectorIndex.load(img_path, expected_encoder_hash=encoder.checkpoint_hash) if img_path.exists()
@@ -131,16 +137,16 @@ def build_index(store: Store, encoder_dir: str | Path, name: str = "default", ou
     page_dir = out / "pages" if cfg.page_width else None
     if page_dir:
         page_dir.mkdir(exist_ok=True)
-    log(f"index {name}: {len(cases)} cases, {len(cases) - len(todo)} already embedded")
+    log.info("index %s: %d cases, %d already embedded", name, len(cases), len(cases) - len(todo))
     with _progress(progress) as bar:
         task = bar.add_task("render + embed", total=len(cases), completed=len(cases) - len(todo))
         for chunk in _chunks(todo, cfg.chunk):
-            ids, vecs = _embed_chunk(chunk, cfg, encoder, page_dir, skipped, log)
+            ids, vecs = _embed_chunk(chunk, cfg, encoder, page_dir, skipped)
             if ids:
                 images.add(np.array(ids, np.int64), np.stack(vecs))
             images.save(img_path)
             state["skipped"] = skipped
-            _write_json(state_path, state)
+            write_json(state_path, state)
             bar.advance(task, len(chunk))
 
         with store.session() as s:
@@ -154,8 +160,6 @@ def build_index(store: Store, encoder_dir: str | Path, name: str = "default", ou
             bar.advance(ttask, len(chunk))
         texts.save(out / "texts.faiss")
 
-    from rag_ecg.encoder.model import TracePreprocess
-
     if isinstance(encoder.preprocess, TracePreprocess):  # the digitiser refuses pictures it cannot read traces from
         calibration = calibrate(images, done, cfg, floor=False)
     else:
@@ -166,12 +170,12 @@ def build_index(store: Store, encoder_dir: str | Path, name: str = "default", ou
         "store": repr(store), "count": images.ntotal, "skipped": skipped, "build": asdict(cfg),
         "calibration": asdict(calibration),
     }
-    _write_json(out / MANIFEST, manifest)
-    log(f"index {name}: {images.ntotal} cases embedded, {len(skipped)} skipped -> {out}")
+    write_json(out / MANIFEST, manifest)
+    log.info("index %s: %d cases embedded, %d skipped -> %s", name, images.ntotal, len(skipped), out)
     return out
 
 
-def _embed_chunk(chunk: list[Case], cfg: BuildConfig, encoder, page_dir, skipped: dict, log):
+def _embed_chunk(chunk: list[Case], cfg: BuildConfig, encoder: ECGEncoder, page_dir, skipped: dict):
     jobs = [(c, cfg.preset, cfg.renders_per_case, cfg.dpi, page_dir, cfg.page_width) for c in chunk]
     workers = cfg.workers or os.cpu_count() or 1
     ids, vecs = [], []
@@ -186,7 +190,7 @@ def _embed_chunk(chunk: list[Case], cfg: BuildConfig, encoder, page_dir, skipped
         for cid, _, err in rendered[start:start + cfg.batch_size]:
             if err:
                 skipped[str(cid)] = err
-                log(f"skipped case {cid}: {err}")
+                log.warning("skipped case %s: %s", cid, err)
         if not part:
             continue
         flat = [p for _, pages, _ in part for p in pages]
@@ -202,8 +206,6 @@ def _artifact_top_scores(images: VectorIndex, cases: list[Case], cfg: BuildConfi
     """Best other-patient similarity of library ECGs drawn as photos/scans: what real queries look like."""
     rng = np.random.default_rng(0)
     pick = [cases[i] for i in sorted(rng.choice(len(cases), size=min(n, len(cases)), replace=False))]
-    from rag_ecg.paper.render import render_page
-
     pages, groups = [], []
     for i, c in enumerate(pick):
         try:
@@ -258,18 +260,13 @@ def calibrate(images: VectorIndex, cases: list[Case], cfg: BuildConfig,
 
 
 def _copy_encoder(src: Path, dst: Path) -> None:
+    """A private copy of the checkpoint, file by file, each atomically, its manifest last (it vouches for the
+    rest: an interrupted copy is no checkpoint, and the build state that trusts it is written after)."""
     if dst.exists():
         shutil.rmtree(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    os.replace(tmp, dst)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    dst.mkdir(parents=True)
+    for f in sorted((p for p in src.iterdir() if p.is_file()), key=lambda p: (p.name == ENCODER_MANIFEST, p.name)):
+        atomic_write_with(dst / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
 
 
 def _chunks(items: list, n: int) -> Iterator[list]:

@@ -2,21 +2,25 @@
 
 Idempotent (cases are keyed by source + external id: a re-run updates, never duplicates), one
 transaction per batch (a crash loses at most the batch in flight), and bad records are skipped with a
-one-line reason that is printed, returned, and kept in the store (`ingest_skips`).
+one-line reason that is logged (warning), returned, and kept in the store (`ingest_skips`).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from sqlalchemy import select
 
 from rag_ecg.data.records import (ECGRecord, RecordError, find_wfdb_records, ptbxl_record, read_ludb,
-                             read_ptbxl_index, read_wfdb)
-from rag_ecg.data.store import (Case, IngestRun, IngestSkip, Store, case_from_record, upsert_scp_statements)
+                                  read_ptbxl_index, read_wfdb)
+from rag_ecg.data.store import Case, IngestRun, IngestSkip, Store, case_from_record, upsert_scp_statements
+from rag_ecg.errors import InputError
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("ptbxl", "ludb", "wfdb")
 
@@ -60,10 +64,10 @@ def wfdb_jobs(root: Path) -> list[Job]:
 
 
 def ingest(store: Store, source: str, path: str | Path, batch_size: int = 64, limit: int | None = None,
-           progress: bool = True, log: Callable[[str], None] = print) -> IngestResult:
+           progress: bool = True) -> IngestResult:
     """Read every record under `path` as `source` and upsert it into the store."""
     if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r} (choose from {', '.join(SOURCES)})")
+        raise InputError(f"unknown source {source!r} (choose from {', '.join(SOURCES)})")
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such file or folder")
@@ -88,7 +92,7 @@ def ingest(store: Store, source: str, path: str | Path, batch_size: int = 64, li
                     errors.append(str(exc))
             _upsert(store, source, records, errors, run_id, result)
             for e in errors:
-                log(f"skipped {e}")
+                log.warning("skipped %s", e)
             result.seen += len(batch)
             bar.advance(task, len(batch))
     with store.session() as s:
@@ -129,7 +133,3 @@ def _batches(items: list, n: int) -> Iterator[list]:
 def _progress(enabled: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeRemainingColumn(), disable=not enabled, transient=False)
-
-
-def ingest_many(store: Store, items: Iterable[tuple[str, str | Path]], **kw) -> list[IngestResult]:
-    return [ingest(store, source, path, **kw) for source, path in items]

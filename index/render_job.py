@@ -8,39 +8,45 @@ page's seed is derived from (seed, position), so a re-run writes identical files
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from rag_ecg.data.records import (ECGRecord, RecordError, find_wfdb_records, ptbxl_record, read_ludb, read_ptbxl_index,
                              read_wfdb)
-from rag_ecg.paper.artifacts import PRESETS
-from rag_ecg.paper.render import LAYOUTS, RenderConfig, atomic_save_image, atomic_write_text, render_page_and_layout
+from rag_ecg.data.images import save_image
+from rag_ecg.errors import InputError
+from rag_ecg.io import atomic_write
+from rag_ecg.paper.layout import LAYOUTS, RenderConfig
+from rag_ecg.paper.presets import PRESETS
+from rag_ecg.paper.render import render_page_and_layout
+
+log = logging.getLogger(__name__)
 
 
 def render_many(record_paths_or_records: Iterable[ECGRecord | str | Path], out_dir: str | Path,
                 layout: str | None = "3x4+II", preset: str = "clean", seed: int = 0, workers: int = 0,
-                dpi: int = 200, image_format: str = "png", progress: bool = True, strict: bool = False,
-                log: Callable[[str], None] = print) -> list[Path]:
+                dpi: int = 200, image_format: str = "png", progress: bool = True, strict: bool = False) -> list[Path]:
     """Render each record to `<out_dir>/<name>.png` + `<name>.json` (layout); returns the image paths in order.
 
     Items: ECGRecords, WFDB record paths (with or without `.hea`) or folders of them. `layout=None` with
     preset "random" draws a random page layout per record. `workers=0` uses every core. Records that fail
-    are reported through `log` and skipped (`strict=True`: raise instead). `image_format` "jpg" keeps
+    are logged (warning) and skipped (`strict=True`: raise instead). `image_format` "jpg" keeps
     photo/scan presets small (their noise makes PNGs of several MB at 200 dpi).
     """
     if preset not in PRESETS:
-        raise ValueError(f"preset {preset!r} is not one of {', '.join(PRESETS)}")
+        raise InputError(f"preset {preset!r} is not one of {', '.join(PRESETS)}")
     if image_format not in _SAVE_OPTIONS:
-        raise ValueError(f"image_format {image_format!r} is not one of {', '.join(_SAVE_OPTIONS)}")
+        raise InputError(f"image_format {image_format!r} is not one of {', '.join(_SAVE_OPTIONS)}")
     if layout is not None and layout not in LAYOUTS:
-        raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+        raise InputError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     items: list[ECGRecord | Path] = []
     for it in record_paths_or_records:
         if isinstance(it, ECGRecord):
@@ -76,7 +82,7 @@ def render_many(record_paths_or_records: Iterable[ECGRecord | str | Path], out_d
         if err:
             if strict:
                 raise RecordError(err)
-            log(f"skipped: {err}")
+            log.warning("skipped: %s", err)
         else:
             done.append(path)
     return done
@@ -91,11 +97,11 @@ def _render_one(job) -> tuple[Path | None, str | None]:
         rec = item if isinstance(item, ECGRecord) else read_record(item)
         config = None if (layout is None and preset == "random") else RenderConfig(layout=layout or "3x4+II", dpi=dpi)
         image, result = render_page_and_layout(rec, preset=preset, seed=seed, config=config, dpi=dpi)
-        atomic_save_image(image, png, **_SAVE_OPTIONS[png.suffix[1:]])
+        save_image(image, png, **_SAVE_OPTIONS[png.suffix[1:]])
         meta = {**result.layout_json(), "preset": preset, "seed": seed}
         if preset != "clean":
             meta["note"] = "boxes are those of the clean page; artifacts may move or hide content"
-        atomic_write_text(png.with_suffix(".json"), json.dumps(meta, indent=1))
+        atomic_write(png.with_suffix(".json"), json.dumps(meta, indent=1))
         return png, None
     except (RecordError, ValueError, OSError) as exc:
         rid = item.record_id if isinstance(item, ECGRecord) else str(item)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
+
+from rag_ecg import __version__
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -64,7 +67,8 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
         raise ValueError(f"atomic_open: mode {mode!r} (use 'w' or 'wb')")
     tmp = temp_path(path)
     try:
-        with open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+        text = {"encoding": "utf-8", "newline": ""} if mode == "w" else {}  # text: the bytes as written, any OS
+        with open(tmp, mode, **text) as f:
             yield f
         publish(tmp, path)
     except BaseException:
@@ -89,6 +93,30 @@ def atomic_write_with(path: str | Path, write: Callable[[Path], Any]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return Path(path)
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """A temp folder beside `final` to fill; on success it takes `final`'s place (an existing `final` is moved
+    aside, replaced, then deleted), on error it vanishes and `final` is untouched. For outputs that are
+    folders: model checkpoints, converted models, adapters."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's 0700 would hide the result from colleagues
+        if final.exists():
+            old = final.with_name(f".{final.name}.old.{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def json_text(obj: Any, indent: int | None = 2, sort_keys: bool = False) -> str:
@@ -116,8 +144,6 @@ def append_jsonl(path: str | Path, record: Any) -> None:
 
 def versions() -> dict[str, str]:
     """What made an artifact: rag_ecg, Python and the installed libraries that shape its bytes."""
-    from rag_ecg import __version__
-
     out = {"rag_ecg": __version__, "python": platform.python_version()}
     for dist, key in _DISTRIBUTIONS.items():
         try:
@@ -128,6 +154,14 @@ def versions() -> dict[str, str]:
 
 
 def version_mismatches(saved: dict[str, str]) -> list[str]:
-    """'torch 2.14.1 -> 2.13.0' for each library whose version differs from the one that saved."""
+    """'torch 2.14.1 -> 2.13.0' for each library whose version differs from the one that saved.
+
+    A local build label ('2.14.1+cu130', which older manifests recorded from `torch.__version__`) is not a
+    different version: only the public part before '+' is compared."""
     now = versions()
-    return [f"{k} {v} -> {now[k]}" for k, v in sorted(saved.items()) if k in now and now[k] != v]
+    return [f"{k} {v} -> {now[k]}" for k, v in sorted(saved.items())
+            if k in now and _public_version(now[k]) != _public_version(v)]
+
+
+def _public_version(v: object) -> str:
+    return str(v).split("+", 1)[0]

@@ -1,6 +1,7 @@
 """Shared fixtures: the real data folder, real SQLite/PostgreSQL stores, a small ingested store."""
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -71,8 +72,8 @@ def ingested_store(tmp_path_factory, ptbxl_dir, ludb_dir):
 
     db = tmp_path_factory.mktemp("store") / "cases.db"
     store = open_store(f"sqlite:///{db}")
-    ingest(store, "ptbxl", ptbxl_dir, limit=N_PTBXL, progress=False, log=lambda m: None)
-    ingest(store, "ludb", ludb_dir, limit=N_LUDB, progress=False, log=lambda m: None)
+    ingest(store, "ptbxl", ptbxl_dir, limit=N_PTBXL, progress=False)
+    ingest(store, "ludb", ludb_dir, limit=N_LUDB, progress=False)
     yield store
     store.dispose()
 
@@ -86,7 +87,7 @@ def tiny_index(tmp_path_factory, ingested_store) -> dict:
     base = tmp_path_factory.mktemp("tiny_index")
     ECGEncoder.create("ecg-clip-tiny", seed=0).save(base / "encoder")
     build_index(ingested_store, base / "encoder", name="tiny", out_dir=base / "index",
-                cfg=BuildConfig(workers=1, page_width=400), progress=False, log=lambda m: None)
+                cfg=BuildConfig(workers=1, page_width=400), progress=False)
     return {"encoder": base / "encoder", "index": base / "index", "db": ingested_store.url}
 
 
@@ -106,3 +107,23 @@ def scratch_store(tmp_path, ingested_store):
     store = open_store(f"sqlite:///{tmp_path / 'scratch.db'}")
     yield store
     store.dispose()
+
+
+@pytest.fixture
+def log_messages():
+    """`lines = log_messages("index.ingest")`: the messages that logger emits during the test, whatever
+    handlers or propagation `cli.py`'s logging set-up left on it."""
+    attached = []
+
+    def collect(name: str) -> list[str]:
+        lines: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: lines.append(record.getMessage())
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        attached.append((logger, handler))
+        return lines
+
+    yield collect
+    for logger, handler in attached:
+        logger.removeHandler(handler)

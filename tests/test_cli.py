@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import shutil
+import socket
 
+import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
@@ -101,4 +104,65 @@ def test_quickstart_then_eval_on_a_user_folder(tiny_index, ptbxl_dir, tmp_path, 
     assert ev["set"] == "ptbxl fold 9" and list(ev["presets"]) == ["clean", "scan"]
     assert all(m["charts"] == 4 and m["citations_valid"] == 1.0 for m in ev["presets"].values())
     bad = runner.invoke(app, ["eval", "--data", str(tmp_path / "nowhere"), "--db", db])
-    assert bad.exit_code == 1 and "nowhere: no such file or folder" in bad.output
+    assert bad.exit_code == 2 and "nowhere: no such file or folder" in bad.output
+
+
+def test_a_corrupt_index_encoder_is_one_line_with_the_artifact_exit_code(tiny_index, tmp_path):
+    """The case the restructure was filed for: `search` printed a traceback when an index's encoder is corrupt."""
+    index = tmp_path / "index"
+    shutil.copytree(tiny_index["index"], index)
+    weights = index / "encoder" / "open_clip_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    res = runner.invoke(app, ["search", "--text", "sinus rhythm", "--index", str(index), "--db", tiny_index["db"]])
+    assert res.exit_code == 4, res.output
+    assert res.output.startswith("error: ") and len(res.output.strip().splitlines()) == 1, res.output
+    assert "Traceback" not in res.output
+
+
+def test_an_unreachable_llm_server_is_one_line_with_the_backend_exit_code(tiny_index, tmp_path):
+    png = tmp_path / "q.png"
+    render_page(load_case_record(_val_case_of(tiny_index)), preset="clean", seed=1, dpi=100).save(png)
+    res = runner.invoke(app, ["report", str(png), "--index", str(tiny_index["index"]), "--db", tiny_index["db"],
+                              "--backend", "vllm", "--base-url", f"http://127.0.0.1:{_closed_port()}/v1"])
+    assert res.exit_code == 3, res.output
+    assert res.output.startswith("error: ") and "Traceback" not in res.output, res.output
+
+
+@pytest.mark.parametrize("args", [
+    ["train-encoder", "--config", "{tmp}/nope.yaml"],
+    ["finetune", "--config", "{tmp}/nope.yaml"],
+    ["build-instructions", "--config", "{tmp}/nope.yaml"],
+    ["eval-encoder", "{tmp}/no-checkpoint"],
+    ["convert-pulse", "{tmp}/no-pulse", "{tmp}/out"],
+])
+def test_every_job_command_reports_bad_input_as_one_line(args, tmp_path):
+    res = runner.invoke(app, [a.format(tmp=tmp_path) for a in args])
+    assert res.exit_code in (2, 4), res.output
+    lines = res.output.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in res.output, res.output
+    assert str(tmp_path) in lines[-1]  # the line names the input
+
+
+def test_verbose_and_quiet_set_the_library_log_level(tmp_path):
+    import logging
+
+    runner.invoke(app, ["--quiet", "stats", "--db", f"sqlite:///{tmp_path / 'q.db'}"])
+    assert logging.getLogger("rag_ecg").level == logging.WARNING
+    runner.invoke(app, ["--verbose", "stats", "--db", f"sqlite:///{tmp_path / 'v.db'}"])
+    assert logging.getLogger("rag_ecg").level == logging.DEBUG
+
+
+def _val_case_of(tiny_index) -> Case:
+    from rag_ecg.data.store import open_store
+
+    store = open_store(tiny_index["db"])
+    try:
+        return _val_case(store)
+    finally:
+        store.dispose()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -17,14 +17,22 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+
+if __name__ == "__main__":  # run as a script (`python training/convert_pulse.py`): the checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from rag_ecg.errors import InputError
+from rag_ecg.io import atomic_dir, publish, versions
+from training.chat_template import CHAT_TEMPLATE
 
 # LLaVA-repo name prefix -> Hugging Face LLaVA-NeXT prefix; the first matching rule wins.
 KEY_RULES: tuple[tuple[str, str], ...] = (
@@ -37,31 +45,6 @@ KEY_RULES: tuple[tuple[str, str], ...] = (
 )
 SKIP_SUFFIXES = (".rotary_emb.inv_freq", "embeddings.position_ids")  # buffers, rebuilt at load time
 EMBED_KEYS = ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
-
-VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-# LLaVA "llava_v1" conversation: "{system} USER: <image>\n{q} ASSISTANT: {a}</s>USER: ... ASSISTANT:".
-# Content may be a string or a list of parts (vLLM sends either); images come first, as LLaVA trained.
-CHAT_TEMPLATE = (
-    "{%- macro render(content) -%}"
-    "{%- if content is string -%}{{ content }}{%- else -%}"
-    "{%- for part in content if part['type'] in ['image', 'image_url'] -%}{{ '<image>\n' }}{%- endfor -%}"
-    "{%- for part in content if part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- if not loop.last %}{{ '\n' }}{% endif -%}{%- endfor -%}"
-    "{%- endif -%}"
-    "{%- endmacro -%}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{{ render(messages[0]['content']) }}{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}{{ '" + VICUNA_SYSTEM.replace("'", "\\'") + "' }}{%- set loop_messages = messages -%}"
-    "{%- endif -%}"
-    "{{ ' ' }}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}{{ 'USER: ' + render(message['content']) + ' ' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + render(message['content']) + '</s>' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
-)
 
 # Vision towers LLaVA names by hub id, so a conversion needs no download (openai/clip-vit-large-patch14-336).
 KNOWN_VISION_TOWERS: dict[str, dict] = {
@@ -236,13 +219,9 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("pytorch_model*.bin"))
 
 
-def iter_tensors(path: Path) -> Iterator[tuple[str, "object"]]:
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of one shard, loading one shard at a time (safetensors lazily, .bin via mmap)."""
-    import torch
-
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for k in f.keys():
                 yield k, f.get_tensor(k)
@@ -253,8 +232,6 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, "object"]]:
 
 def shard_keys(path: Path) -> list[str]:
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return list(f.keys())
     return [k for k, _ in iter_tensors(path)]
@@ -262,8 +239,6 @@ def shard_keys(path: Path) -> list[str]:
 
 def resize_rows(t, rows: int):
     """Grow an embedding / lm_head matrix to `rows`; new rows are the mean of the old ones (deterministic)."""
-    import torch
-
     if t.shape[0] >= rows:
         return t
     extra = t.float().mean(dim=0, keepdim=True).expand(rows - t.shape[0], -1).to(t.dtype)
@@ -293,8 +268,6 @@ class ShardWriter:
         self.total += n
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         save_file(self.current, str(self.folder / f"part-{len(self.files):05d}.tmp"), metadata={"format": "pt"})
         self.files.append(list(self.current))
         self.current, self.current_bytes = {}, 0
@@ -304,12 +277,12 @@ class ShardWriter:
             self._flush()
         n = len(self.files)
         if n == 1:
-            os.replace(self.folder / "part-00000.tmp", self.folder / "model.safetensors")
+            publish(self.folder / "part-00000.tmp", self.folder / "model.safetensors")
             return
         weight_map = {}
         for i, keys in enumerate(self.files):
             name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.folder / f"part-{i:05d}.tmp", self.folder / name)
+            publish(self.folder / f"part-{i:05d}.tmp", self.folder / name)
             weight_map.update({k: name for k in keys})
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
@@ -322,8 +295,6 @@ def convert(src: str | Path, out: str | Path, vision_tower: str | Path | None = 
             pad_vocab_multiple: int = 64, max_shard_gb: float = 5.0, overwrite: bool = False,
             verify: bool = False) -> Path:
     """Write the Hugging Face LLaVA-NeXT version of a LLaVA-v1.6 checkpoint to `out`; returns `out`."""
-    import torch
-    import transformers
     from transformers import GenerationConfig
 
     src, out = Path(src).expanduser(), Path(out).expanduser()
@@ -353,9 +324,7 @@ def convert(src: str | Path, out: str | Path, vision_tower: str | Path | None = 
     image_token_id = tok.convert_tokens_to_ids("<image>")
     config = build_config(cfg, vcfg, vocab, image_token_id, tok.pad_token_id, dtype)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         writer = ShardWriter(tmp, int(max_shard_gb * 2**30))
         for f in files:
             for key, t in iter_tensors(f):
@@ -382,22 +351,11 @@ def convert(src: str | Path, out: str | Path, vision_tower: str | Path | None = 
         (tmp / "conversion_manifest.json").write_text(json.dumps({
             "job": "training/convert_pulse.py", "config": asdict(run), "source_model_type": cfg["model_type"],
             "source_vocab_size": old_vocab, "vocab_size": vocab, "image_token_index": image_token_id,
-            "weights": len(writer.seen), "weight_bytes": writer.total,
-            "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
+            "weights": len(writer.seen), "weight_bytes": writer.total, "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }, indent=2))
         if verify:
             verify_loadable(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old.{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -427,14 +385,12 @@ def main(argv: list[str] | None = None) -> Path:
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        out = convert(a.src, a.out, a.vision_tower, a.dtype, a.pad_vocab_multiple, a.max_shard_gb, a.overwrite,
-                      a.verify)
-    except ConversionError as exc:
-        sys.exit(f"convert_pulse: {exc}")
-    print(out)
-    return out
+    return convert(a.src, a.out, a.vision_tower, a.dtype, a.pad_vocab_multiple, a.max_shard_gb, a.overwrite,
+                   a.verify)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        print(main(sys.argv[1:]))
+    except ConversionError as exc:
+        sys.exit(f"convert_pulse: {exc}")

@@ -10,41 +10,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+if __name__ == "__main__":  # run as a script (`python training/tiny_llava.py OUT`): the checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from rag_ecg.io import atomic_dir
+from training.chat_template import CHAT_TEMPLATE
 
 IMAGE_SIZE = 56  # pixels of one crop (CLIP tower input)
 PATCH_SIZE = 14  # ViT patch: 56 px -> 4x4 patches (+1 CLS)
 GRID_PINPOINTS = [[56, 112], [112, 56], [112, 112]]  # any-resolution grids (height, width)
 VOCAB_SIZE = 800  # BPE target; the corpus decides the final size
 INIT_STD = 0.1  # text-tower init std: 0.02 leaves a random 64-wide lm_head too weak for LoRA to steer
-
-# LLaVA-v1.6 / vicuna conversation ("llava_v1"): SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT:
-# Content may be a string or a list of parts; images come first, as LLaVA trained.
-VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-CHAT_TEMPLATE = (
-    "{%- macro render(content) -%}"
-    "{%- if content is string -%}{{ content }}{%- else -%}"
-    "{%- for part in content if part['type'] in ['image', 'image_url'] -%}{{ '<image>\n' }}{%- endfor -%}"
-    "{%- for part in content if part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- if not loop.last %}{{ '\n' }}{% endif -%}{%- endfor -%}"
-    "{%- endif -%}"
-    "{%- endmacro -%}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{{ render(messages[0]['content']) }}{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}{{ '" + VICUNA_SYSTEM.replace("'", "\\'") + "' }}{%- set loop_messages = messages -%}"
-    "{%- endif -%}"
-    "{{ ' ' }}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}{{ 'USER: ' + render(message['content']) + ' ' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + render(message['content']) + '</s>' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
-)
 
 # What the tokenizer learns from: ECG report vocabulary (English SCP-ECG statements, rhythm, morphology,
 # German PTB-XL report words) plus chat and instruction words. Numbers and punctuation come from bytes.
@@ -83,7 +65,6 @@ def _corpus_lines() -> list[str]:
 
 def build_tokenizer():
     """Byte-level BPE (Llama/vicuna-like specials) wrapped as a PreTrainedTokenizerFast with `<image>`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -116,7 +97,6 @@ def build_processor(tokenizer=None):
 
 def build_model(tokenizer, seed: int = 0):
     """LlavaNextForConditionalGeneration with a 2-layer CLIP vision tower and a 2-layer Llama, random init."""
-    import torch
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig,
                               LlavaNextForConditionalGeneration)
 
@@ -144,20 +124,9 @@ def build_tiny_llava(out_dir: Path, seed: int = 0) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     processor = build_processor()
     model = build_model(processor.tokenizer, seed=seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -168,10 +137,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    out = build_tiny_llava(args.out_dir, seed=args.seed)
-    print(out)
-    return out
+    return build_tiny_llava(args.out_dir, seed=args.seed)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    print(main(sys.argv[1:]))

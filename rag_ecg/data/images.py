@@ -1,4 +1,4 @@
-"""Loading the ECG images users bring: PNG/JPEG/BMP/TIFF (first frame), the first page of a PDF, as RGB.
+"""Loading the ECG images users bring (PNG/JPEG/BMP/TIFF first frame, a PDF's first page) as RGB; saving ours.
 
 Why a module: user files are the untrusted edge of the system. Everything that is not a usable picture
 (empty, truncated, corrupt, not an image, a decompression bomb) becomes one `ImageLoadError` line naming the
@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
 from rag_ecg.errors import InputError
+from rag_ecg.io import atomic_write_with
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: a 600 dpi A4 scan (35 Mpx) passes, a bomb does not
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pdf")
@@ -129,6 +131,15 @@ def to_rgb(im: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+def save_image(image: Image.Image, path: str | Path, **save_kwargs) -> Path:
+    """Save atomically in the format the suffix names (`save_kwargs` go to Pillow): never half a PNG on disk."""
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(f"{path}: unknown image suffix (use .png, .jpg, .bmp, .tif or .webp)")
+    return atomic_write_with(path, lambda tmp: image.save(tmp, format=fmt, **save_kwargs))
 
 
 def _guess_kind(path: Path, head: bytes) -> str:

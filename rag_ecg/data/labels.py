@@ -1,5 +1,5 @@
-"""The diagnostic vocabulary in one place: PTB-XL superclasses, their English names, SCP statements, and how
-PTB-XL codes and LUDB's cardiologist statements map to superclasses."""
+"""The diagnostic vocabulary in one place: PTB-XL superclasses, their English names, SCP statements, the rhythm
+and form-only codes, and how PTB-XL codes and LUDB's cardiologist statements map to superclasses."""
 from __future__ import annotations
 
 import ast
@@ -18,8 +18,26 @@ SUPERCLASS_NAMES: dict[str, str] = {
     "HYP": "hypertrophy",
 }
 
+# PTB-XL's rhythm statements (scp_statements.csv, rhythm == 1) and its form-only statements (form == 1,
+# diagnostic empty): the first feed the rhythm line, the second the findings; all other codes are diagnostic.
+RHYTHM_CODES: dict[str, str] = {
+    "SR": "sinus rhythm", "AFIB": "atrial fibrillation", "STACH": "sinus tachycardia",
+    "SARRH": "sinus arrhythmia", "SBRAD": "sinus bradycardia", "PACE": "normal functioning artificial pacemaker",
+    "SVARR": "supraventricular arrhythmia", "BIGU": "bigeminal pattern (unknown origin, SV or ventricular)",
+    "AFLT": "atrial flutter", "SVTAC": "supraventricular tachycardia",
+    "PSVT": "paroxysmal supraventricular tachycardia",
+    "TRIGU": "trigeminal pattern (unknown origin, SV or ventricular)",
+}
+FORM_CODES: frozenset[str] = frozenset({
+    "ABQRS", "PVC", "STD_", "VCLVH", "QWAVE", "LOWT", "NT_", "PAC", "LPR", "INVT", "LVOLT", "HVOLT",
+    "TAB_", "STE_", "PRC(S)",
+})
+
+
 @dataclass(frozen=True)
 class ScpStatement:
+    """One row of PTB-XL's scp_statements.csv: a code, its description and what kind of statement it is."""
+
     code: str
     description: str
     diagnostic_class: str | None  # NORM/MI/STTC/CD/HYP for diagnostic statements

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import wfdb
+
 from rag_ecg.data.labels import ScpStatement, ludb_superclasses, parse_scp_codes, read_scp_statements, superclasses_for
 from rag_ecg.errors import InputError
 
@@ -120,8 +122,6 @@ def validate(rec: ECGRecord) -> ECGRecord:
 
 def read_wfdb(path: str | Path, record_id: str | None = None, source: str = "wfdb") -> ECGRecord:
     """Read any WFDB record wfdb can read (path without extension); validated."""
-    import wfdb
-
     path = Path(path)
     base = path.with_suffix("") if path.suffix in {".hea", ".dat"} else path
     rid = record_id or base.name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -15,11 +16,13 @@ from typing import Iterator
 from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
                         create_engine, event, func, select)
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from rag_ecg import paths
 from rag_ecg.data.labels import ScpStatement
 from rag_ecg.data.records import ECGRecord, read_ludb, read_wfdb
+from rag_ecg.errors import BackendError, InputError
 
 
 class Base(DeclarativeBase):
@@ -190,13 +193,30 @@ def _make_engine(url: str, echo: bool) -> Engine:
 
 
 def open_store(url: str | None = None, echo: bool = False) -> Store:
-    """Open (and create if needed) the store at `url` (default: `default_db_url()`)."""
+    """Open (and create if needed) the store at `url` (default: `default_db_url()`).
+
+    A URL that cannot work (malformed, unknown dialect or driver) or a SQLite file that cannot be opened is
+    an InputError; a database server that refuses or cannot be reached is a BackendError. Either way one
+    line naming the URL (password hidden) and the cause.
+    """
+    url = url or default_db_url()
     try:
-        return Store(url or default_db_url(), echo=echo)
+        return Store(url, echo=echo)
     except Exception as exc:  # bad URL, missing driver, unreachable server
-        shown = make_url(url).render_as_string(hide_password=True) if url else default_db_url()
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise RuntimeError(f"{shown}: cannot open case store ({first})") from exc
+        raise _open_error(url, exc) from exc
+
+
+def _open_error(url: str, exc: Exception) -> InputError | BackendError:
+    try:
+        u = make_url(url)
+        shown, local = u.render_as_string(hide_password=True), u.get_backend_name() == "sqlite"
+    except ArgumentError:
+        shown, local = url, False
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    message = f"{shown}: cannot open case store ({first})"
+    if local or isinstance(exc, (ArgumentError, ImportError)):
+        return InputError(message)
+    return BackendError(message)
 
 
 def summary(store: Store) -> dict:
@@ -229,8 +249,6 @@ def upsert_scp_statements(session: Session, statements: dict[str, ScpStatement])
 
 def load_case_record(case: Case) -> ECGRecord:
     """Read a case's signal back from its WFDB file, with the store's metadata attached."""
-    from dataclasses import replace
-
     if case.source == "ludb":
         rec = read_ludb(case.signal_path, record_id=f"{case.source}:{case.external_id}")
     else:

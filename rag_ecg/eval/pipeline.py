@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+import logging
 import re
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy import select
 
-from rag_ecg.eval.metrics import hamming_loss, labels_to_matrix, macro_auc, macro_f1, per_class_f1
 from rag_ecg.data.labels import SUPERCLASSES
-from rag_ecg.data.records import RecordError
-from rag_ecg.reader.report import write_atomic
+from rag_ecg.data.records import RecordError, find_wfdb_records, read_ludb, read_ptbxl_index
+from rag_ecg.data.store import ScpStatementRow
 from rag_ecg.errors import InputError
+from rag_ecg.eval.metrics import hamming_loss, labels_to_matrix, macro_auc, macro_f1, per_class_f1
+from rag_ecg.io import atomic_open, atomic_write
+from rag_ecg.review.outputs import iter_rows
+from rag_ecg.review.run import index_info, resolve_index_dir, review
+
+logger = logging.getLogger(__name__)
 
 PTBXL_SPLITS = {"train": list(range(1, 9)), "val": [9], "test": [10]}
 AS_IS = "as-is"  # the "preset" of a set of real images: they are read, never re-drawn
@@ -104,8 +109,6 @@ def load_labelled(data: str | Path, split: str | None = None, limit: int | None 
 
 
 def _ptbxl_set(root: Path, split: str | None) -> LabelledSet:
-    from rag_ecg.data.records import read_ptbxl_index
-
     rows, _ = read_ptbxl_index(root)
     folds = parse_folds(split)
     chosen = [r for r in rows if folds is None or r.fold in folds]
@@ -121,8 +124,6 @@ def _ptbxl_set(root: Path, split: str | None) -> LabelledSet:
 
 
 def _ludb_set(root: Path) -> LabelledSet:
-    from rag_ecg.data.records import find_wfdb_records, read_ludb
-
     charts, skipped = [], []
     for p in find_wfdb_records(root):
         try:
@@ -248,26 +249,15 @@ def score_reports(reports: Sequence[dict], truth: Sequence[LabelledChart],
 
 
 def _write_chart_csv(path: Path, charts: Sequence[LabelledChart]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "record_id", "labels"])
-            for c in charts:
-                w.writerow([c.path, c.record_id, " ".join(c.labels)])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "record_id", "labels"])
+        for c in charts:
+            w.writerow([c.path, c.record_id, " ".join(c.labels)])
 
 
 def _code_superclasses(store) -> dict[str, str | None]:
     """Every SCP statement the store knows -> its diagnostic superclass (None for rhythm/form statements)."""
-    from sqlalchemy import select
-
-    from rag_ecg.data.store import ScpStatementRow
-
     with store.session() as s:
         return {r.code: r.diagnostic_class for r in s.scalars(select(ScpStatementRow))}
 
@@ -285,11 +275,8 @@ class EvalConfig:
 
 
 def run_eval(labelled: LabelledSet, out_dir: str | Path, store, index_dir: str | Path,
-             cfg: EvalConfig | None = None, progress: bool = True,
-             log: Callable[[str], None] = print) -> dict:
+             cfg: EvalConfig | None = None, progress: bool = True) -> dict:
     """Review the set once per preset (resumable jobs under out_dir/<preset>/) and score every job."""
-    from rag_ecg.review.job import index_info, iter_rows, resolve_index_dir, review
-
     cfg = cfg or EvalConfig()
     out = Path(out_dir).expanduser().resolve()
     idx = resolve_index_dir(index_dir)
@@ -303,7 +290,7 @@ def run_eval(labelled: LabelledSet, out_dir: str | Path, store, index_dir: str |
               "skipped": labelled.skipped, "index": str(idx), "encoder_hash": info.get("encoder_hash"),
               "config": asdict(cfg), "presets": {}}
     for preset in presets:
-        log(f"{labelled.name}: reviewing {len(labelled.charts)} charts drawn '{preset}'")
+        logger.info("%s: reviewing %d charts drawn '%s'", labelled.name, len(labelled.charts), preset)
         summary = review(chart_csv, out / preset, store=store, index_dir=idx, backend=cfg.backend, k=cfg.k,
                          workers=cfg.workers, progress=progress, backend_options=cfg.backend_options,
                          preset="clean" if preset == AS_IS else preset, device=cfg.device)
@@ -322,8 +309,8 @@ def run_eval(labelled: LabelledSet, out_dir: str | Path, store, index_dir: str |
                         "review_html": summary.outputs.get("html"),
                         "charts_per_s": summary.charts_per_s})
         result["presets"][preset] = metrics
-    write_atomic(out / "eval.json", json.dumps(result, indent=2, default=str))
-    write_atomic(out / "eval.md", markdown(result))
+    atomic_write(out / "eval.json", json.dumps(result, indent=2, default=str))
+    atomic_write(out / "eval.md", markdown(result))
     return result
 
 

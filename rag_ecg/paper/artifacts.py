@@ -1,11 +1,11 @@
-"""Print / scan / photo artifacts for rendered ECG pages, and the presets that compose them.
+"""Print / scan / photo artifacts for rendered ECG pages, one pure function each (`presets` composes them).
 
 Why: users bring crooked phone photos, faded photocopies and re-compressed scans; the encoder must see such
 pages in training and the index must be tested against them. Each artifact is a pure function
 `fn(image, strength, seed) -> image`: `strength` in [0, 1] (0 = unchanged), same (image, strength, seed) ->
 same pixels.
 
-Size contract: every artifact and preset returns an RGB image of exactly the input's size. Geometric
+Size contract: every artifact returns an RGB image of exactly the input's size. Geometric
 artifacts (rotation, perspective, crop) move the page inside that canvas and fill what is uncovered with a
 background (scanner lid, desk); nothing is ever resized to a new shape.
 
@@ -23,9 +23,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from rag_ecg.paper.render import draw_text, filled, text_mask
-
-PRESETS = ("clean", "print", "scan", "photo", "random")
+from rag_ecg.errors import InputError
+from rag_ecg.paper.drawing import draw_text, filled, text_mask
 
 ArrayFn = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
 
@@ -38,7 +37,8 @@ def _scale(img: np.ndarray) -> float:
     return max(img.shape[0], img.shape[1]) / 2339.0
 
 
-def _rng(seed: int, salt: int = 0) -> np.random.Generator:
+def artifact_rng(seed: int, salt: int = 0) -> np.random.Generator:
+    """The generator an artifact (or a preset's choice of steps) draws from: same seed and salt, same draws."""
     return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0xA27, salt]))
 
 
@@ -390,7 +390,8 @@ ARRAY_ARTIFACTS: dict[str, ArrayFn] = {
 }
 
 
-def _to_array(image: Image.Image) -> np.ndarray:
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """A PIL image as the (H, W, 3) uint8 RGB array the artifacts work on."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.asarray(image)
@@ -399,13 +400,17 @@ def _to_array(image: Image.Image) -> np.ndarray:
 def apply_artifact(image: Image.Image, name: str, strength: float, seed: int = 0) -> Image.Image:
     """One artifact by name on a PIL image; strength 0 returns the image unchanged."""
     if name not in ARRAY_ARTIFACTS:
-        raise ValueError(f"unknown artifact {name!r} (known: {', '.join(ARRAY_ARTIFACTS)})")
+        raise InputError(f"unknown artifact {name!r} (known: {', '.join(ARRAY_ARTIFACTS)})")
     if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"artifact {name}: strength {strength} is outside [0, 1]")
+        raise InputError(f"artifact {name}: strength {strength} is outside [0, 1]")
     if strength == 0.0:
         return image if image.mode == "RGB" else image.convert("RGB")
-    arr = ARRAY_ARTIFACTS[name](_to_array(image), float(strength), _rng(seed, _salt(name)))
-    return Image.fromarray(arr, "RGB")
+    return Image.fromarray(apply_artifact_array(to_rgb_array(image), name, strength, seed), "RGB")
+
+
+def apply_artifact_array(arr: np.ndarray, name: str, strength: float, seed: int = 0) -> np.ndarray:
+    """One artifact on an (H, W, 3) uint8 RGB array (the presets' fast path); same seed, same pixels."""
+    return ARRAY_ARTIFACTS[name](arr, float(strength), artifact_rng(seed, _salt(name)))
 
 
 def _salt(name: str) -> int:
@@ -422,80 +427,3 @@ def _wrap(name: str) -> Callable[[Image.Image, float, int], Image.Image]:
 
 
 ARTIFACTS: dict[str, Callable[[Image.Image, float, int], Image.Image]] = {n: _wrap(n) for n in ARRAY_ARTIFACTS}
-
-
-# ---------------------------------------------------------------- presets
-
-# Each step: (artifact, probability it happens, strength low, strength high), applied in order: marks on the
-# paper, then the paper's shape, then the capture (geometry, light, colour, optics, sensor, file).
-_STEPS: dict[str, list[tuple[str, float, float, float]]] = {
-    "clean": [],
-    "print": [
-        ("color_shift", 0.8, 0.1, 0.5),
-        ("defocus_blur", 0.6, 0.05, 0.25),
-        ("gaussian_noise", 0.8, 0.05, 0.25),
-        ("jpeg", 0.5, 0.0, 0.3),
-    ],
-    "scan": [
-        ("text_stamps", 0.35, 0.2, 0.8),
-        ("creases", 0.3, 0.2, 0.7),
-        ("rotate", 0.9, 0.05, 0.4),
-        ("crop_pad", 0.5, 0.05, 0.4),
-        ("photocopy", 0.4, 0.3, 0.9),
-        ("color_shift", 0.5, 0.1, 0.5),
-        ("defocus_blur", 0.5, 0.05, 0.3),
-        ("gaussian_noise", 0.7, 0.05, 0.35),
-        ("salt_pepper", 0.3, 0.05, 0.3),
-        ("jpeg", 0.7, 0.2, 0.6),
-    ],
-    "photo": [
-        ("text_stamps", 0.2, 0.2, 0.8),
-        ("creases", 0.4, 0.3, 1.0),
-        ("wrinkles", 0.6, 0.2, 0.8),
-        ("perspective", 1.0, 0.3, 1.0),
-        ("rotate", 0.5, 0.1, 0.6),
-        ("lighting", 1.0, 0.4, 1.0),
-        ("color_shift", 0.8, 0.3, 0.9),
-        ("defocus_blur", 0.5, 0.1, 0.6),
-        ("motion_blur", 0.3, 0.1, 0.6),
-        ("gaussian_noise", 0.9, 0.15, 0.6),
-        ("jpeg", 0.9, 0.3, 0.8),
-    ],
-}
-_RANDOM_BASE = {"clean": 0.1, "print": 0.2, "scan": 0.3, "photo": 0.4}
-
-
-def preset_steps(preset: str, seed: int = 0) -> list[tuple[str, float, int]]:
-    """The (artifact, strength, seed) steps a preset applies for this seed (what `apply_preset` runs)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-    rng = _rng(seed, 0x9E5)
-    spread = 1.0
-    if preset == "random":
-        names, p = list(_RANDOM_BASE), np.array(list(_RANDOM_BASE.values()))
-        preset = names[int(rng.choice(len(names), p=p / p.sum()))]
-        spread = float(rng.uniform(0.5, 1.3))  # random pages range from milder to harsher than the base
-    steps = []
-    for name, prob, lo, hi in _STEPS[preset]:
-        if rng.random() < prob:
-            strength = float(np.clip(rng.uniform(lo, hi) * spread, 0.0, 1.0))
-            steps.append((name, strength, int(rng.integers(0, 2**31 - 1))))
-    return steps
-
-
-def apply_preset_array(arr: np.ndarray, preset: str, seed: int = 0) -> np.ndarray:
-    """`apply_preset` on an (H, W, 3) uint8 RGB array (the renderer's fast path); returns a new array or `arr`."""
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"artifacts expect an (H, W, 3) uint8 RGB array, got {arr.dtype} {arr.shape}")
-    for name, strength, step_seed in preset_steps(preset, seed):
-        if strength > 0:
-            arr = ARRAY_ARTIFACTS[name](arr, strength, _rng(step_seed, _salt(name)))
-    return arr
-
-
-def apply_preset(image: Image.Image, preset: str, seed: int = 0) -> Image.Image:
-    """Apply a named preset (clean|print|scan|photo|random); same size out; "clean" returns the image as is."""
-    steps = preset_steps(preset, seed)
-    if not steps:
-        return image if image.mode == "RGB" else image.convert("RGB")
-    return Image.fromarray(apply_preset_array(_to_array(image), preset, seed), "RGB")

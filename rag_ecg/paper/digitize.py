@@ -28,8 +28,9 @@ import numpy as np
 
 from rag_ecg.data.records import STANDARD_LEADS
 from rag_ecg.errors import InputError
+from rag_ecg.paper.layout import LEAD_ROWS
 
-# One OpenCV thread (as in render.py): pages are digitised in the embedding process between forks of
+# One OpenCV thread (as in drawing.py): pages are digitised in the embedding process between forks of
 # render workers, and an OpenCV thread pool alive at a fork deadlocks the children (seen: index build).
 cv2.setNumThreads(1)
 
@@ -41,11 +42,6 @@ INK_ON = 110  # ink strength (0-255) that counts as a pen stroke
 MIN_CONTINUITY = 0.6  # share of columns where a row's line must continue from the previous column
 MAX_INK_DENSITY = 0.15  # share of a page's trace area that may be ink (pen lines: ~2-6 %)
 
-_ROWS: dict[str, list[list[str]]] = {
-    "3x4": [["I", "aVR", "V1", "V4"], ["II", "aVL", "V2", "V5"], ["III", "aVF", "V3", "V6"]],
-    "6x2": [["I", "V1"], ["II", "V2"], ["III", "V3"], ["aVR", "V4"], ["aVL", "V5"], ["aVF", "V6"]],
-    "12x1": [[ld] for ld in STANDARD_LEADS],
-}
 LAYOUT_BY_ROWS = {3: "3x4", 4: "3x4+II", 6: "6x2", 12: "12x1"}
 _LEAD_INDEX = {ld: i for i, ld in enumerate(STANDARD_LEADS)}
 
@@ -72,7 +68,7 @@ class Digitized:
 def digitize(page: np.ndarray, rhythm_lead: str = "II") -> Digitized:
     """(H, W, 3) uint8 RGB page -> Digitized. Raises DigitizeError if no trace rows are found."""
     if page.ndim != 3 or page.shape[2] != 3 or page.dtype != np.uint8:
-        raise ValueError(f"digitize expects an (H, W, 3) uint8 RGB page, got {page.dtype} {page.shape}")
+        raise InputError(f"digitize expects an (H, W, 3) uint8 RGB page, got {page.dtype} {page.shape}")
     ink = ink_map(_resize(page))
     angle = deskew_angle(ink)
     if abs(angle) > 0.05:
@@ -102,7 +98,7 @@ def canonicalize(signal_mv: np.ndarray, fs: float, layout: str = "12x1", rhythm_
     """
     sig = np.asarray(signal_mv, np.float64)
     if sig.ndim != 2 or sig.shape[1] != 12:
-        raise ValueError(f"canonicalize expects (samples, 12), got {sig.shape}")
+        raise InputError(f"canonicalize expects (samples, 12), got {sig.shape}")
     t = start_s + np.arange(N_SAMPLES) / FS
     src_t = np.arange(sig.shape[0]) / float(fs)
     full = np.stack([np.interp(t, src_t, sig[:, i]) for i in range(12)]).astype(np.float32)
@@ -390,8 +386,8 @@ def _check_line_drawing(ink: np.ndarray, rows: list[float], pitch: float, x0: in
 
 def _row_leads(layout: str, rhythm_lead: str) -> list[list[str]]:
     if layout == "3x4+II":
-        return _ROWS["3x4"] + [[rhythm_lead]]
-    return _ROWS[layout]
+        return LEAD_ROWS["3x4"] + [[rhythm_lead]]
+    return LEAD_ROWS[layout]
 
 
 def _resample(x: np.ndarray, n: int) -> np.ndarray:

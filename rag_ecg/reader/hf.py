@@ -1,7 +1,8 @@
 """In-process LLaVA-NeXT reader (PULSE-7B converted to the Hugging Face layout, or any LLaVA-NeXT folder).
 
 For a single machine without a vLLM server: transformers loads the model from a local folder and
-generates greedily by default. Heavy imports happen in the constructor, never at module import.
+generates greedily by default. transformers is imported in the constructor; `backends.get_backend` imports
+this module only when the hf backend is chosen, so torch is never loaded for the other readers.
 """
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from rag_ecg.reader.base import BackendError, LLMBackend, chat_messages
+import torch
+
+from rag_ecg.errors import BackendError
+from rag_ecg.reader.base import LLMBackend
+from rag_ecg.reader.messages import chat_messages
 
 
 @dataclass
@@ -35,7 +40,6 @@ class HFBackend(LLMBackend):
                  max_new_tokens: int = 1024, do_sample: bool = False, temperature: float = 0.7,
                  top_p: float = 0.9):
         try:
-            import torch
             from transformers import AutoProcessor, LlavaNextForConditionalGeneration
         except ImportError as exc:
             raise BackendError(f"the hf backend needs torch and transformers ({exc.name} is missing): "
@@ -65,7 +69,6 @@ class HFBackend(LLMBackend):
         self.hf_model.eval()
         self.device = device
         self.model = path.name
-        self._torch = torch
         self._lock = threading.Lock()  # one generate at a time: the model is not re-entrant
 
     def prompt_text(self, messages: Sequence[Any], images: Sequence = ()) -> tuple[str, list]:
@@ -83,12 +86,12 @@ class HFBackend(LLMBackend):
                       pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         if self.config.do_sample:
             kwargs.update(temperature=self.config.temperature, top_p=self.config.top_p)
-        with self._lock, self._torch.inference_mode():
+        with self._lock, torch.inference_mode():
             out = self.hf_model.generate(**inputs, **kwargs)
         new = out[0, inputs["input_ids"].shape[1]:]
         return tok.decode(new, skip_special_tokens=True).strip()
 
     def close(self) -> None:
         self.hf_model = None
-        if self._torch.cuda.is_available():
-            self._torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

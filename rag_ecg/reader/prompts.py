@@ -7,13 +7,10 @@ stays inside its quote. `format_evidence` is also what the instruction-data buil
 training, so its output must stay stable and deterministic.
 
 Messages are LangChain messages; an image is a `{"type": "image"}` content part whose pixels travel
-beside the messages (`images` list, in order). `to_openai_messages` turns both into OpenAI chat dicts
-with base64 `data:` image URLs for an OpenAI-compatible server such as vLLM.
+beside the messages (`images` list, in order); `rag_ecg.reader.messages` converts them for each backend.
 """
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
 import re
@@ -24,13 +21,13 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.prompts import ChatPromptTemplate
 
 from rag_ecg.data.labels import SUPERCLASS_NAMES, SUPERCLASSES
+from rag_ecg.reader.messages import IMAGE_PART
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from rag_ecg.search.evidence import Evidence, Neighbour
 
-IMAGE_PART = {"type": "image"}
 MAX_REPORT_CHARS = 600  # a longer report is cut (with an ellipsis): evidence must not crowd out the task
 
 SYSTEM_PROMPT = (
@@ -190,27 +187,3 @@ def retry_messages(messages: Sequence[BaseMessage], answer: str, error: str) -> 
     """The conversation so far, the unusable answer, and a request to fix it (the parser's error quoted)."""
     return [*messages, AIMessage(content=answer),
             HumanMessage(content=RETRY_INSTRUCTION.format(error=_SPACE.sub(" ", error).strip()[:300]))]
-
-
-def image_data_url(image: "Image.Image") -> str:
-    """PNG bytes of the image as a base64 `data:` URL (the form vLLM's OpenAI API accepts)."""
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def to_openai_messages(messages: Sequence[BaseMessage | dict], images: Sequence["Image.Image"] = ()) -> list[dict]:
-    """OpenAI chat-completions messages; each image part becomes an `image_url` base64 data-URL part."""
-    from rag_ecg.reader.base import chat_messages
-
-    conv, imgs = chat_messages(messages, images)
-    it = iter(imgs)
-    out = []
-    for m in conv:
-        parts = [{"type": "image_url", "image_url": {"url": image_data_url(next(it))}} if p["type"] == "image"
-                 else p for p in m["content"]]
-        if all(p["type"] == "text" for p in parts):  # plain strings suit every server's chat template
-            out.append({"role": m["role"], "content": "\n".join(p["text"] for p in parts)})
-        else:
-            out.append({"role": m["role"], "content": parts})
-    return out

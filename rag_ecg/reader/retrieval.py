@@ -10,28 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from rag_ecg.reader.base import BackendError, LLMBackend
-from rag_ecg.data.labels import SUPERCLASS_NAMES, SUPERCLASSES
+from rag_ecg.data.labels import FORM_CODES, RHYTHM_CODES, SUPERCLASS_NAMES, SUPERCLASSES, ScpStatement
+from rag_ecg.errors import BackendError, InputError
+from rag_ecg.reader.base import LLMBackend
 from rag_ecg.reader.report import Diagnosis, Report, RetrievalInfo, Statement
 
 if TYPE_CHECKING:
     from rag_ecg.search.evidence import Evidence, Neighbour
-    from rag_ecg.data.labels import ScpStatement
-
-# PTB-XL's rhythm statements (scp_statements.csv, rhythm == 1) and its form-only statements (form == 1,
-# diagnostic empty): the first feed the rhythm line, the second the findings; all other codes are diagnostic.
-RHYTHM_CODES: dict[str, str] = {
-    "SR": "sinus rhythm", "AFIB": "atrial fibrillation", "STACH": "sinus tachycardia",
-    "SARRH": "sinus arrhythmia", "SBRAD": "sinus bradycardia", "PACE": "normal functioning artificial pacemaker",
-    "SVARR": "supraventricular arrhythmia", "BIGU": "bigeminal pattern (unknown origin, SV or ventricular)",
-    "AFLT": "atrial flutter", "SVTAC": "supraventricular tachycardia",
-    "PSVT": "paroxysmal supraventricular tachycardia",
-    "TRIGU": "trigeminal pattern (unknown origin, SV or ventricular)",
-}
-FORM_CODES: frozenset[str] = frozenset({
-    "ABQRS", "PVC", "STD_", "VCLVH", "QWAVE", "LOWT", "NT_", "PAC", "LPR", "INVT", "LVOLT", "HVOLT",
-    "TAB_", "STE_", "PRC(S)",
-})
 
 
 @dataclass
@@ -51,9 +36,9 @@ class RetrievalBackend(LLMBackend):
     composes_reports = True
 
     def __init__(self, threshold: float | None = 0.5, impression_cases: int = 3, quote_chars: int = 160,
-                 statements: "dict[str, ScpStatement] | None" = None):
+                 statements: dict[str, ScpStatement] | None = None):
         if threshold is not None and not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"retrieval threshold {threshold}: must be within [0, 1]")
+            raise InputError(f"retrieval threshold {threshold}: must be within [0, 1]")
         self.config = RetrievalReaderConfig(threshold, impression_cases, quote_chars)
         self.statements = statements or {}  # optional SCP table: code -> superclass for code diagnoses
 

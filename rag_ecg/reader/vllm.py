@@ -2,7 +2,7 @@
 
 vLLM cannot share this project's environment (it pins its own torch/transformers) and wants a GPU, so it
 runs as a separate service (training/serve_pulse.sh, docs/serving.md) and many clients talk to it over
-HTTP; continuous batching on the server makes concurrent requests (`generate_many`) cheap. Transient
+HTTP; continuous batching on the server makes concurrent requests (up to `max_concurrency`) cheap. Transient
 failures (connection errors, timeouts, 5xx, 429) are retried with exponential backoff; a 4xx is a bad
 request and is reported at once.
 """
@@ -12,7 +12,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from rag_ecg.reader.base import BackendError, LLMBackend
+from rag_ecg.errors import BackendError
+from rag_ecg.reader.base import LLMBackend
+from rag_ecg.reader.messages import to_openai_messages
 
 
 @dataclass
@@ -27,7 +29,7 @@ class VLLMConfig:
     backoff_s: float = 1.0  # first wait; doubles each retry
     max_tokens: int = 1024  # answer length cap (CoT text + JSON)
     temperature: float = 0.0  # greedy by default, so a report is reproducible
-    max_concurrency: int = 8  # parallel requests in generate_many
+    max_concurrency: int = 8  # parallel requests a caller may send (batch review fans out up to it)
 
 
 _RETRY_STATUS = {408, 429}  # timeouts and "slow down" are transient even though they are 4xx
@@ -83,8 +85,6 @@ class VLLMBackend(LLMBackend):
                            f"attempt(s): {cause}. Is it running? (training/serve_pulse.sh)")
 
     def generate(self, messages: Sequence[Any], images: Sequence = ()) -> str:
-        from rag_ecg.reader.prompts import to_openai_messages
-
         payload = to_openai_messages(messages, images)
         model = self.model
         resp = self._call(lambda: self.client.chat.completions.create(

@@ -16,18 +16,20 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
+from PIL import Image
 from sqlalchemy import select, update
 
-from rag_ecg.review.job import (ChartPipeline, ChartResult, PipelineSpec, ReviewConfig, ReviewError, case_meta,
-                            check_backend, commit_results, finish_result, load_chart)
 from rag_ecg.data.store import ReviewItem, Store
-
-if TYPE_CHECKING:
-    from rag_ecg.search.evidence import Evidence
+from rag_ecg.review.config import ReviewConfig, ReviewError
+from rag_ecg.review.jobs import case_meta, commit_results
+from rag_ecg.review.loader import load_chart
+from rag_ecg.review.pipeline import ChartPipeline, ChartResult, PipelineSpec, check_backend, finish_result
+from rag_ecg.search.evidence import Evidence
 
 
 def import_ray():
@@ -51,8 +53,6 @@ def _png(image) -> bytes:
 def _unpng(data: bytes):
     if not data:
         return None
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as im:
         return im.convert("RGB")
 
@@ -123,11 +123,9 @@ class Report:
         self.pipeline.backend  # load it now, not inside the first batch's timing
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from rag_ecg.search.evidence import Evidence
-
         n_rows = len(batch["item_id"])
         todo = [n for n in range(n_rows) if batch["evidence"][n]]
-        evs: list["Evidence"] = [Evidence.from_dict(json.loads(batch["evidence"][n])) for n in todo]
+        evs: list[Evidence] = [Evidence.from_dict(json.loads(batch["evidence"][n])) for n in todo]
         outcomes = self.pipeline.report([(_unpng(batch["image"][n]), ev) for n, ev in zip(todo, evs)])
         status = np.array(["error"] * n_rows, dtype=object)
         error = np.array(list(batch["error"]), dtype=object)
@@ -187,8 +185,6 @@ def run_ray(spec: PipelineSpec, store: Store, job_id: int, out_dir: Path, cfg: R
 
     Every pending chart counts one attempt when the run starts; Ray retries failed tasks and restarts
     dead actors itself, so `max_attempts` (the local engine's give-up rule) does not apply here."""
-    from dataclasses import asdict
-
     ensure_ray(num_cpus=max(2, cfg.workers))
     import ray.data as rd
 

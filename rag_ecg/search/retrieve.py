@@ -1,4 +1,4 @@
-"""Query (image | record | text) -> nearest reference cases + similarity-weighted label evidence.
+"""Query (page image | report text | embedding) -> nearest reference cases + similarity-weighted label evidence.
 
 A built index folder (see `index/build.py`) holds everything a query needs: the encoder checkpoint it was
 built with, the image and text FAISS indexes, small rendered pages of each case, and the vote calibration
@@ -7,20 +7,20 @@ fitted on the reference library alone. Case metadata comes from the case store b
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from sqlalchemy import select
 
-from rag_ecg.eval.metrics import vote_scores
-from rag_ecg.search.evidence import Evidence, Neighbour
 from rag_ecg.data.labels import SUPERCLASSES
-from rag_ecg.data.records import ECGRecord
 from rag_ecg.data.store import Case, Store, scp_descriptions
-from rag_ecg.search.vector_index import VectorIndex
+from rag_ecg.encoder.model import ECGEncoder
 from rag_ecg.errors import ArtifactError, InputError
+from rag_ecg.eval.metrics import vote_scores
+from rag_ecg.search.calibration import Calibration
+from rag_ecg.search.evidence import Evidence, Neighbour
+from rag_ecg.search.vector_index import VectorIndex
 
 MANIFEST = "manifest.json"
 
@@ -31,39 +31,6 @@ class IndexNotReadyError(ArtifactError):
 
 class NotAnECGError(InputError):
     """The query is far from every reference page: most likely not an ECG (or an unreadable one)."""
-
-
-@dataclass
-class Calibration:
-    """Vote -> probability per label (Platt scaling) and decision thresholds, fitted on the library only."""
-
-    temperature: float = 0.05  # softmax temperature of the similarity-weighted vote
-    k: int = 10  # neighbours that vote
-    platt: dict | None = None  # label -> [a, b]: p = sigmoid(a * vote + b)
-    thresholds: dict | None = None  # label -> probability threshold that maximised F1 (leave-one-out)
-    min_top_score: float | None = None  # queries whose best similarity is below this are not ECG-like
-
-    def probability(self, label: str, vote: float) -> float:
-        a, b = (self.platt or {}).get(label, (None, None))
-        if a is None:
-            return float(vote)
-        return float(1.0 / (1.0 + np.exp(-(a * vote + b))))
-
-
-def fit_platt(votes: np.ndarray, y: np.ndarray, iters: int = 50) -> tuple[float, float]:
-    """1-D logistic regression p = sigmoid(a*v + b) by Newton steps (with a tiny ridge for separable data)."""
-    v, t = np.asarray(votes, float), np.asarray(y, float)
-    a, b = 1.0, 0.0
-    for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-(a * v + b)))
-        w = p * (1 - p) + 1e-9
-        g = np.array([np.sum((p - t) * v) + 1e-3 * a, np.sum(p - t)])
-        h = np.array([[np.sum(w * v * v) + 1e-3, np.sum(w * v)], [np.sum(w * v), np.sum(w)]])
-        step = np.linalg.solve(h, g)
-        a, b = a - step[0], b - step[1]
-        if np.abs(step).max() < 1e-8:
-            break
-    return float(a), float(b)
 
 
 class Retriever:
@@ -84,8 +51,6 @@ class Retriever:
 
     @classmethod
     def open(cls, index_dir: str | Path, store: Store, device: str = "cpu") -> "Retriever":
-        from rag_ecg.encoder.model import ECGEncoder
-
         index_dir = Path(index_dir)
         mpath = index_dir / MANIFEST
         if not mpath.exists():
@@ -102,14 +67,6 @@ class Retriever:
     # ---- queries -------------------------------------------------------------------------------------
     def search_images(self, images: Sequence, k: int = 8, **filters) -> list[Evidence]:
         return self.search_embeddings(self.encoder.embed_images(list(images)), k, **filters)
-
-    def search_records(self, records: Sequence[ECGRecord], k: int = 8, preset: str = "clean",
-                       **filters) -> list[Evidence]:
-        """A signal query is drawn as a clean page first, so it meets the library on the image side."""
-        from rag_ecg.paper.render import render_page
-
-        pages = [render_page(r, preset=preset, seed=0) for r in records]
-        return self.search_images(pages, k, **filters)
 
     def search_texts(self, texts: Sequence[str], k: int = 8, **filters) -> list[Evidence]:
         """Report text -> cases whose reports (text index) or pages (image index) match it."""

@@ -1,10 +1,10 @@
-"""FAISS nearest-neighbour index over case embeddings: cosine search, case-id mapping, atomic save/load.
+"""FAISS nearest-neighbour index over case embeddings: cosine search keyed by case id, add, remove, compact.
 
 Vectors are L2-normalised float32 rows of shape (n, dim) (the encoder's output), searched by inner product,
 so scores are cosine similarities in [-1, 1]. Every FAISS row carries the store's int64 case id through an
 `IndexIDMap2`; results come back as case ids, never as row numbers.
 
-Kinds (``IndexConfig.kind``):
+Kinds (``IndexConfig.kind``, `index_config`):
 - ``flat``: exact `IndexFlatIP`. Ground truth, and the only kind whose results are exact by construction;
   fine up to ~50k vectors (a 1,000-query batch over 50k x 512 takes well under a second on 2 cores).
 - ``ivfpq``: IVF (coarse k-means into `nlist` lists) with product-quantised codes, whose top `k * k_factor`
@@ -27,110 +27,32 @@ Removal: `flat` deletes rows; `ivfpq`/`hnsw` cannot shift rows, so removed rows 
 inside the search (FAISS ID selectors), and physically dropped by `compact()` (automatically once tombstones
 pass `auto_compact_fraction`). Input vectors that are not unit-norm are refused, not silently normalised: an
 unnormalised vector means the wrong tensor was passed (use `l2_normalise` explicitly when that is intended).
+
+Saving writes the FAISS file and its JSON manifest as a checked pair (`index_files`); a GPU search replica
+is cloned from the CPU master copy when faiss-gpu sees a GPU (`faiss_gpu`).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
-import os
-import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
-from rag_ecg.errors import ArtifactError, RagEcgError
+
+from rag_ecg.search.faiss_gpu import gpu_replica, num_gpus, search_replica
+from rag_ecg.search.index_config import IndexConfig, VectorIndexError
+from rag_ecg.search.index_files import (FORMAT, IndexLoadError, read_index_pair, serialized_size,
+                                        write_index_pair)
 
 log = logging.getLogger(__name__)
 
-KINDS = ("flat", "ivfpq", "hnsw", "auto")
 FORMAT_VERSION = 1
 METRIC = "inner_product"  # on L2-normalised vectors: cosine similarity
 _MIN_PER_LIST = 39  # FAISS k-means wants >= 39 training points per centroid
-_GPU_MAX_K = 2048  # FAISS GPU k-selection limit
-
-
-class VectorIndexError(RagEcgError, ValueError):
-    """Bad input to the index or an index that cannot be used; the message names the input."""
-
-
-class IndexLoadError(VectorIndexError, ArtifactError):
-    """A saved index is missing, corrupt, or does not match its manifest."""
-
-
-class IndexMismatchError(VectorIndexError, ArtifactError):
-    """A saved index was built by another encoder than the one that will query it."""
-
-
-@dataclass
-class IndexConfig:
-    """How to build and search the index; saved in the manifest, loadable from a dict or YAML."""
-
-    kind: str = "auto"  # flat | ivfpq | hnsw | auto (exact below auto_threshold, auto_large_kind above)
-    auto_threshold: int = 50_000  # auto: vectors at which exact search hands over to an ANN kind
-    auto_large_kind: str = "ivfpq"  # auto: the ANN kind used at or above auto_threshold (ivfpq | hnsw)
-    nlist: int | None = None  # ivfpq: coarse lists; None = power of two near sqrt(n) (1,024 at 1M)
-    nprobe: int = 8  # ivfpq: lists scanned per query (recall vs speed)
-    pq_m: int | None = None  # ivfpq: PQ sub-quantizers (bytes per code); None = dim // 8; must divide dim
-    pq_nbits: int | None = None  # ivfpq: bits a code: 4 = SIMD fast-scan (CPU only), 8 = GPU-capable;
-    #                              None = 8 when a GPU will search, else 4
-    k_factor: int = 16  # ivfpq: candidates re-ranked exactly per result (k * k_factor)
-    train_min: int = 10_000  # ivfpq: stay exact until this many vectors (exact is fast below; PQ needs data)
-    train_size: int = 100_000  # ivfpq: training sample size (k-means cost grows with it)
-    retrain_growth: float = 8.0  # ivfpq: retrain once rows grow this factor past training (if nlist grows); 0 = never
-    hnsw_m: int = 32  # hnsw: graph links per node
-    ef_construction: int = 40  # hnsw: candidate list while building (build time vs graph quality)
-    ef_search: int = 64  # hnsw: candidate list while searching (>= k is enforced)
-    auto_compact_fraction: float = 0.25  # ivfpq/hnsw: compact when tombstoned rows pass this share; 0 = never
-    norm_tolerance: float = 1e-3  # refuse vectors whose L2 norm differs from 1 by more than this
-    device: str = "auto"  # auto (GPU when faiss sees one) | cpu | gpu (fail without one)
-    seed: int = 0  # training-sample and k-means seed, for reproducible builds
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise VectorIndexError(f"index config kind={self.kind!r}: expected one of {', '.join(KINDS)}")
-        if self.auto_large_kind not in ("ivfpq", "hnsw"):
-            raise VectorIndexError(f"index config auto_large_kind={self.auto_large_kind!r}: expected ivfpq or hnsw")
-        if self.device not in ("auto", "cpu", "gpu"):
-            raise VectorIndexError(f"index config device={self.device!r}: expected auto, cpu or gpu")
-        for name in ("nprobe", "k_factor", "train_min", "train_size", "hnsw_m",
-                     "ef_construction", "ef_search", "auto_threshold"):
-            if int(getattr(self, name)) < 1:
-                raise VectorIndexError(f"index config {name}={getattr(self, name)!r}: must be >= 1")
-        for name in ("nlist", "pq_m", "pq_nbits"):
-            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
-                raise VectorIndexError(f"index config {name}={getattr(self, name)!r}: must be >= 1 or null")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "IndexConfig":
-        d = dict(d or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise VectorIndexError(f"index config: unknown field(s) {', '.join(unknown)}; "
-                                   f"known: {', '.join(sorted(known))}")
-        return cls(**d)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "IndexConfig":
-        import yaml
-
-        path = Path(path)
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise VectorIndexError(f"{path}: cannot read index config ({e})") from e
-        if not isinstance(d, dict):
-            raise VectorIndexError(f"{path}: index config must be a mapping of field: value")
-        return cls.from_dict(d.get("index", d) if isinstance(d.get("index"), dict) else d)
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -140,28 +62,6 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     if np.any(norms == 0):
         raise VectorIndexError("l2_normalise: zero vector(s) have no direction")
     return (x / norms).astype(np.float32)
-
-
-def manifest_path(path: str | Path) -> Path:
-    """The manifest JSON that sits beside an index file: `images.faiss` -> `images.json`."""
-    path = Path(path)
-    if path.suffix == ".json":
-        raise VectorIndexError(f"{path}: an index file cannot end in .json (that name is its manifest's)")
-    return path.with_suffix(".json")
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of a saved index, or IndexLoadError naming what is wrong."""
-    mpath = manifest_path(path)
-    try:
-        m = json.loads(mpath.read_text())
-    except FileNotFoundError as e:
-        raise IndexLoadError(f"{mpath}: manifest missing (every saved index has one beside it)") from e
-    except (OSError, ValueError) as e:
-        raise IndexLoadError(f"{mpath}: manifest unreadable ({e})") from e
-    if not isinstance(m, dict) or m.get("format") != "rag-ecg-faiss":
-        raise IndexLoadError(f"{mpath}: not a rag-ecg index manifest")
-    return m
 
 
 class VectorIndex:
@@ -333,7 +233,7 @@ class VectorIndex:
     def manifest(self) -> dict[str, Any]:
         """What the saved file is and what made it (written beside it as JSON)."""
         return {
-            "format": "rag-ecg-faiss", "format_version": FORMAT_VERSION,
+            "format": FORMAT, "format_version": FORMAT_VERSION,
             "kind": self._kind, "requested_kind": self.config.kind,
             "dim": self.dim, "metric": METRIC, "normalised": True,
             "count": self.ntotal, "rows": int(self._index.ntotal),
@@ -346,69 +246,18 @@ class VectorIndex:
 
     def nbytes(self) -> int:
         """Bytes of the serialised CPU index (what `save` writes), counted without a copy."""
-        counter = _ByteCounter()
-        faiss.write_index(self._index, faiss.PyCallbackIOWriter(counter))
-        return counter.n
+        return serialized_size(self._index)
 
     def save(self, path: str | Path) -> Path:
-        """Write `path` and its manifest atomically (temp files + os.replace): a crash leaves the old pair."""
-        path = Path(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise VectorIndexError(f"{path}: cannot create its folder ({e})") from e
-        mpath = manifest_path(path)
-        tmp_index = tmp_manifest = None
-        try:
-            tmp_index = _mkstemp(path)
-            faiss.write_index(self._index, str(tmp_index))
-            _fsync(tmp_index)
-            manifest = self.manifest()
-            manifest["file_bytes"] = tmp_index.stat().st_size
-            manifest["file_sha256"] = _sha256(tmp_index)
-            tmp_manifest = _mkstemp(mpath)
-            tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-            _fsync(tmp_manifest)
-            os.replace(tmp_index, path)
-            tmp_index = None
-            os.replace(tmp_manifest, mpath)
-            tmp_manifest = None
-            _fsync_dir(path.parent)
-        except (OSError, RuntimeError) as e:
-            raise VectorIndexError(f"{path}: cannot save index ({e})") from e
-        finally:
-            for t in (tmp_index, tmp_manifest):
-                if t is not None:
-                    t.unlink(missing_ok=True)
-        return path
+        """Write `path` and its manifest, each atomically, index first (`index_files.write_index_pair`)."""
+        return write_index_pair(path, self._index, self.manifest())
 
     @classmethod
     def load(cls, path: str | Path, expected_encoder_hash: str | None = None, *, device: str | None = None,
              verify: bool = True) -> "VectorIndex":
         """Read an index saved by `save`; refuse one made by another encoder (IndexMismatchError)."""
         path = Path(path)
-        if not path.is_file():
-            raise IndexLoadError(f"{path}: index file missing")
-        m = read_manifest(path)
-        if expected_encoder_hash is not None and m.get("encoder_hash", "") != expected_encoder_hash:
-            raise IndexMismatchError(
-                f"{path}: index was built with encoder {m.get('encoder_hash') or '<none>'} but the query encoder is "
-                f"{expected_encoder_hash or '<none>'}; rebuild the index with this encoder")
-        size = path.stat().st_size
-        if m.get("file_bytes") is not None and size != m["file_bytes"]:
-            raise IndexLoadError(f"{path}: {size} bytes but its manifest says {m['file_bytes']} (interrupted save or "
-                                 f"a file copied without its manifest)")
-        if verify and m.get("file_sha256") and _sha256(path) != m["file_sha256"]:
-            raise IndexLoadError(f"{path}: content does not match its manifest checksum (corrupt or replaced)")
-        try:
-            index = faiss.read_index(str(path))  # already downcast; this wrapper owns the C++ object
-        except RuntimeError as e:
-            raise IndexLoadError(f"{path}: not a readable FAISS index ({str(e).splitlines()[0][:200]})") from e
-        expected = {"flat": faiss.IndexFlat, "ivfpq": faiss.IndexRefine, "hnsw": faiss.IndexHNSW}.get(m.get("kind"))
-        if (expected is None or not isinstance(index, faiss.IndexIDMap2) or index.d != m.get("dim")
-                or not isinstance(faiss.downcast_index(index.index), expected)):
-            raise IndexLoadError(f"{path}: FAISS index does not match its manifest (expected an id-mapped "
-                                 f"{m.get('dim')}-d {m.get('kind')} index)")
+        index, m = read_index_pair(path, expected_encoder_hash, verify)
         try:
             config = IndexConfig.from_dict(m.get("config"))
         except (TypeError, VectorIndexError) as e:
@@ -593,10 +442,10 @@ class VectorIndex:
 
     # ---- GPU (reached only when faiss-gpu sees a GPU) ---------------------------------------------------
     def _use_gpu(self) -> bool:
-        return self.config.device != "cpu" and _num_gpus() > 0
+        return self.config.device != "cpu" and num_gpus() > 0
 
     def _check_device(self) -> None:
-        if self.config.device == "gpu" and _num_gpus() == 0:
+        if self.config.device == "gpu" and num_gpus() == 0:
             raise VectorIndexError("index config device=gpu: FAISS sees no GPU (install faiss-gpu, the [gpu] extra, "
                                    "on a CUDA machine, or use device=auto)")
 
@@ -605,29 +454,9 @@ class VectorIndex:
         if len(self._dead):
             self.compact()
         if self._gpu_dirty or self._gpu is None:
-            self._gpu = self._build_gpu()
+            self._gpu = gpu_replica(self._kind, faiss.downcast_index(self._index.index))
             self._gpu_dirty = False
-        index, keep = self._gpu
-        if self._kind == "flat":
-            return index.search(q, min(k, _GPU_MAX_K))
-        keep["ps"].set_index_parameter(keep["base"], "nprobe", nprobe)
-        index.k_factor = float(max(1, min(k_factor, _GPU_MAX_K // k)))
-        return index.search(q, min(k, _GPU_MAX_K))
-
-    def _build_gpu(self) -> tuple[Any, dict[str, Any]]:
-        ngpu = _num_gpus()
-        co = faiss.GpuMultipleClonerOptions()
-        co.shard = ngpu > 1  # split the rows over GPUs (IndexShards) rather than replicate them
-        inner = faiss.downcast_index(self._index.index)
-        resources = [faiss.StandardGpuResources() for _ in range(ngpu)]
-        if self._kind == "flat":
-            co.useFloat16 = False  # exact scores
-            gpu = faiss.index_cpu_to_gpu_multiple_py(resources, inner, co)
-            return gpu, {"res": resources}
-        co.useFloat16 = True  # float16 PQ lookup tables: needed for 64-byte codes in shared memory
-        base = faiss.index_cpu_to_gpu_multiple_py(resources, faiss.downcast_index(inner.base_index), co)
-        refine = faiss.IndexRefine(base, faiss.downcast_index(inner.refine_index))  # exact re-rank on CPU
-        return refine, {"res": resources, "base": base, "cpu": inner, "ps": faiss.GpuParameterSpace()}
+        return search_replica(self._gpu, self._kind, q, k, nprobe, k_factor)
 
 
 def build(ids, vectors, config: IndexConfig | None = None, *, encoder_hash: str = "") -> VectorIndex:
@@ -646,20 +475,6 @@ def load(path: str | Path, expected_encoder_hash: str | None = None, **kwargs: A
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------
-class _ByteCounter:
-    def __init__(self) -> None:
-        self.n = 0
-
-    def __call__(self, b: bytes) -> int:
-        self.n += len(b)
-        return len(b)
-
-
-def _num_gpus() -> int:
-    get = getattr(faiss, "get_num_gpus", None)
-    return int(get()) if get is not None else 0
-
-
 def _auto_nlist(n: int) -> int:
     """Power of two nearest sqrt(n): list scans and k-means training both stay cheap on CPU."""
     return max(1, 2 ** round(math.log2(max(1.0, math.sqrt(n)))))
@@ -676,41 +491,3 @@ def _few(a, limit: int = 5) -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _mkstemp(target: Path) -> Path:
-    """A new empty temp file beside `target` (same filesystem, so os.replace is atomic), umask permissions."""
-    for _ in range(100):
-        name = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"
-        try:
-            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return name
-        except FileExistsError:
-            continue
-    raise OSError(f"cannot create a temp file beside {target}")
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()

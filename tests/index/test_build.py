@@ -17,8 +17,9 @@ from sqlalchemy import select
 from rag_ecg.encoder.model import ECGEncoder
 from rag_ecg.paper.render import render_page
 from rag_ecg.search.retrieve import Retriever
-from rag_ecg.data.store import Case, load_case_record, open_store
-from rag_ecg.search.vector_index import IndexMismatchError, VectorIndex
+from rag_ecg.data.store import Case, load_case_record
+from rag_ecg.search.index_files import IndexMismatchError
+from rag_ecg.search.vector_index import VectorIndex
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,11 +76,12 @@ def test_index_from_another_encoder_is_refused(tiny_index, ingested_store, tmp_p
 
 
 BUILD = """
-import sys
+import logging, sys
 from index.build import BuildConfig, build_index
 from rag_ecg.data.store import open_store
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 build_index(open_store(sys.argv[1]), sys.argv[2], out_dir=sys.argv[3],
-            cfg=BuildConfig(workers=1, chunk=8, page_width=0), progress=False, log=print)
+            cfg=BuildConfig(workers=1, chunk=8, page_width=0), progress=False)
 """
 
 

@@ -9,20 +9,13 @@ import sqlite3
 
 import pytest
 
-from training import build_instructions as bi
+from training.build_instructions import build, main
+from training.instruction_cases import load_cases
+from training.instruction_config import FAMILIES, InstructionConfig
+from training.instruction_evidence import check_evidence, encoder_retriever, index_retriever
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 LIMIT = 16  # cases (lowest ids): the first 16 PTB-XL records hold 13 train (folds 1-8) and 3 val (fold 9)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small encoder batches on shared cores: one intra-op thread avoids OpenMP spin-waits."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +50,9 @@ def encoder_dir(tmp_path_factory):
 def built(store_copy, encoder_dir, tmp_path_factory):
     url, _, _ = store_copy
     out = tmp_path_factory.mktemp("instr")
-    cfg = bi.InstructionConfig(db_url=url, out_dir=str(out), limit=LIMIT, dpi=40, evidence_share=0.5,
+    cfg = InstructionConfig(db_url=url, out_dir=str(out), limit=LIMIT, dpi=40, evidence_share=0.5,
                                encoder_dir=str(encoder_dir), render_presets=["clean"])
-    manifest = json.loads(bi.build(cfg, log=lambda m: None).read_text())
+    manifest = json.loads(build(cfg).read_text())
     rows = {sp: [json.loads(x) for x in (out / f"{sp}.jsonl").read_text().splitlines()] for sp in ("train", "val")}
     return cfg, out, manifest, rows
 
@@ -85,7 +78,7 @@ def test_coverage_splits_and_manifest(built):
         assert {r["split"] for r in rows[sp]} == {sp}
         assert all(r["source"] == "ptbxl" for r in rows[sp])  # LUDB has no fold: not used
         c = manifest["counts"][sp]
-        assert c["samples"] == len(rows[sp]) and set(c["tasks"]) == set(bi.FAMILIES)
+        assert c["samples"] == len(rows[sp]) and set(c["tasks"]) == set(FAMILIES)
         assert sum(c["tasks"].values()) == c["samples"]
         assert c["with_evidence"] == sum(bool(r["evidence_case_ids"]) for r in rows[sp]) > 0
     qtypes = {r["question_type"] for sp in rows for r in rows[sp]}
@@ -104,7 +97,7 @@ def test_coverage_splits_and_manifest(built):
 
 
 def test_answers_match_the_cases_own_labels(built, store_copy):
-    from rag_ecg.paper.render import estimate_heart_rate
+    from rag_ecg.paper.header import estimate_heart_rate
     from rag_ecg.data.store import load_case_record
 
     cfg, out, manifest, rows = built
@@ -167,12 +160,12 @@ def test_evidence_is_the_prompt_block_and_never_leaks(built, store_copy, encoder
 
     cases, desc, _ = _cases(url)
     st = open_store(url)
-    info = {c.id: c for c in bi.load_cases(st, cfg)[0]}
+    info = {c.id: c for c in load_cases(st, cfg)[0]}
     st.dispose()
     by_case = {r["case_id"]: r["image"] for sp in rows for r in rows[sp]}
     for cid, c in info.items():
         c.image = by_case[cid]
-    retrieve = bi.encoder_retriever(encoder_dir, info, out, cfg, desc, log=lambda m: None)
+    retrieve = encoder_retriever(encoder_dir, info, out, cfg, desc)
     with_ev = [r for sp in rows for r in rows[sp] if r["evidence_case_ids"]]
     assert with_ev and any(r["split"] == "val" for r in with_ev)
     for r in with_ev:
@@ -207,23 +200,23 @@ def test_leaking_or_missing_retriever_is_refused(store_copy, tmp_path):
         other = b_id if case.id == a_id else a_id
         return Evidence(neighbours=[Neighbour(case_id=other, score=0.99, source="ptbxl", external_id="x")])
 
-    cfg = bi.InstructionConfig(db_url=url, out_dir=str(tmp_path / "a"), limit=3, dpi=30, evidence_share=1.0,
+    cfg = InstructionConfig(db_url=url, out_dir=str(tmp_path / "a"), limit=3, dpi=30, evidence_share=1.0,
                                render_presets=["clean"])
     with pytest.raises(ValueError, match="same patient"):
-        bi.build(cfg, retrieve=leaky, log=lambda m: None)
+        build(cfg, retrieve=leaky)
     with pytest.raises(ValueError, match="needs a retriever"):
-        bi.main(db_url=url, out_dir=tmp_path / "b", limit=3, dpi=30, evidence_share=0.3, log=lambda m: None)
-    with pytest.raises(ValueError, match="unknown field"):
-        bi.InstructionConfig.load(None, evidence_k2=3)
+        main(db_url=url, out_dir=tmp_path / "b", limit=3, dpi=30, evidence_share=0.3)
+    with pytest.raises(ValueError, match="unknown InstructionConfig field"):
+        InstructionConfig.load(None, evidence_k2=3)
 
 
 def test_deterministic_and_readable_by_the_finetune(store_copy, built, tmp_path):
     url = store_copy[0]
     cfg, out, manifest, rows = built
     def run(out, seed=0):
-        c = bi.InstructionConfig(db_url=url, out_dir=str(out), limit=4, dpi=40, evidence_share=0.0, seed=seed,
+        c = InstructionConfig(db_url=url, out_dir=str(out), limit=4, dpi=40, evidence_share=0.0, seed=seed,
                                  render_presets=["clean", "print"])
-        return json.loads(bi.build(c, log=lambda m: None).read_text())
+        return json.loads(build(c).read_text())
 
     m1 = run(tmp_path / "x")
     pages = {p: p.stat().st_mtime_ns for p in (tmp_path / "x" / "images").iterdir()}
@@ -234,15 +227,15 @@ def test_deterministic_and_readable_by_the_finetune(store_copy, built, tmp_path)
     assert m3["files"]["train.jsonl"]["sha256"] != m1["files"]["train.jsonl"]["sha256"]
 
     # the fine-tune tokenizes an evidence sample: answer tokens scored, the evidence block masked
-    from training import finetune_llm as ft
+    from training.llm_data import IGNORE_INDEX, ConversationDataset, Example
     from training.tiny_llava import build_processor
 
     proc = build_processor()
-    ds = ft.ConversationDataset(out / "train.jsonl", proc, max_length=4096)
+    ds = ConversationDataset(out / "train.jsonl", proc, max_length=4096)
     i = next(i for i, r in enumerate(rows["train"]) if r["evidence_case_ids"])
     ex = ds[i]
-    assert isinstance(ex, ft.Example), ex
-    scored = ex.labels != ft.IGNORE_INDEX
+    assert isinstance(ex, Example), ex
+    scored = ex.labels != IGNORE_INDEX
     assert proc.tokenizer.decode(ex.input_ids[scored]) == " " + rows["train"][i]["conversations"][1]["value"] + "</s>"
 
 
@@ -262,7 +255,7 @@ def test_index_retrieval_filters_patient_case_and_val(built, store_copy, encoder
     _, desc, _ = _cases(url)
     st = open_store(url)
     try:
-        info = {c.id: c for c in bi.load_cases(st, cfg)[0]}
+        info = {c.id: c for c in load_cases(st, cfg)[0]}
         pages = {r["case_id"]: r["image"] for sp in rows for r in rows[sp]}
         for cid, c in info.items():
             c.image = pages[cid]
@@ -275,12 +268,12 @@ def test_index_retrieval_filters_patient_case_and_val(built, store_copy, encoder
         images.add(ids, emb)
         images.save(idx / "images.faiss")
         (idx / "manifest.json").write_text(json.dumps({"name": "test", "calibration": {"k": 5, "temperature": 0.05}}))
-        retrieve = bi.index_retriever(idx, st, info, out, cfg, desc)
+        retrieve = index_retriever(idx, st, info, out, cfg, desc)
         vals = [c for c in info.values() if c.split == "val"]
         assert vals
         for c in info.values():
             ev = retrieve(c)
-            bi.check_evidence(c, ev, info)  # raises on leakage
+            check_evidence(c, ev, info)  # raises on leakage
             assert len(ev.neighbours) == cfg.evidence_k and ev.index_name == "test"
             assert all(info[n].split == "train" and n != c.id for n in ev.case_ids)
             assert set(ev.superclass_scores) == {"NORM", "MI", "STTC", "CD", "HYP"}

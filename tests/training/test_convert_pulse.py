@@ -14,8 +14,9 @@ torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from training.convert_pulse import (CHAT_TEMPLATE, ConversionError, convert, convert_key,  # noqa: E402
-                                    resize_rows, verify_loadable)
+from training.chat_template import CHAT_TEMPLATE  # noqa: E402
+from training.convert_pulse import (ConversionError, convert, convert_key, resize_rows,  # noqa: E402
+                                    verify_loadable)
 from tests.openai_server import tiny_llava_dir  # noqa: E402
 
 

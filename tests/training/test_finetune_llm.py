@@ -17,9 +17,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("one_thread")
 from PIL import Image, ImageDraw  # noqa: E402
 
-from training import finetune_llm as ft  # noqa: E402
+from training.common import setup_distributed  # noqa: E402
+from training.finetune_config import load_config  # noqa: E402
+from training.finetune_llm import main, train  # noqa: E402
+from training.llm_data import (IGNORE_INDEX, ConversationDataset, Example, collate,  # noqa: E402
+                               conversation_to_messages, tokenize_example)
+from training.llm_model import (build_peft_model, load_base_model, load_processor, quiet_peft,  # noqa: E402
+                                to_device, token_loss_sum)
 from training.tiny_llava import build_tiny_llava  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,15 +51,6 @@ def _draw(record, size=(168, 56)) -> Image.Image:
     pts = [(x * w / len(sig), h / 2 - float(v) / span * (h / 2 - 2)) for x, v in enumerate(sig)]
     d.line(pts, fill=(0, 0, 0), width=1)
     return img
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on shared cores: one intra-op thread is ~100x faster than two spin-waiting ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -86,22 +84,22 @@ def _cfg(tiny_dir, data_dir, out, **kw):
     ov = dict(model_path=str(tiny_dir), train_jsonl=str(data_dir / "train.jsonl"),
               val_jsonl=str(data_dir / "train.jsonl"), out_dir=str(out))
     ov.update(kw)
-    return ft.load_config(TINY_CFG, ov)
+    return load_config(TINY_CFG, ov)
 
 
 def test_labels_cover_answer_tokens_only(tiny_dir, data_dir):
     cfg = _cfg(tiny_dir, data_dir, data_dir / "unused")
-    proc = ft.load_processor(cfg)
-    ds = ft.ConversationDataset(cfg.train_jsonl, proc, cfg.max_length)
+    proc = load_processor(cfg)
+    ds = ConversationDataset(cfg.train_jsonl, proc, cfg.max_length)
     ex = ds[0]
-    assert isinstance(ex, ft.Example), ex
+    assert isinstance(ex, Example), ex
     sample = ds.sample(0)
     ids, labels = ex.input_ids, ex.labels
     tok = proc.tokenizer
     img = ids == proc.image_token_id
-    assert int(img.sum()) > 16 and bool((labels[img] == ft.IGNORE_INDEX).all())  # image tokens never scored
-    assert ids[0] == tok.bos_token_id and labels[0] == ft.IGNORE_INDEX
-    scored = labels != ft.IGNORE_INDEX
+    assert int(img.sum()) > 16 and bool((labels[img] == IGNORE_INDEX).all())  # image tokens never scored
+    assert ids[0] == tok.bos_token_id and labels[0] == IGNORE_INDEX
+    scored = labels != IGNORE_INDEX
     assert bool((labels[scored] == ids[scored]).all())
     # the scored tokens are exactly the two answers with their end-of-turn tokens, in order
     answers = [t["value"] for t in sample["conversations"] if t["from"] == "gpt"]
@@ -111,42 +109,42 @@ def test_labels_cover_answer_tokens_only(tiny_dir, data_dir):
     assert "Which diagnostic superclasses" in full and "ASSISTANT:" in full
     assert "Which" not in tok.decode(ids[scored]) and "ASSISTANT" not in tok.decode(ids[scored])
     # the processor's own rendering of the same chat gives the same tokens (training == inference format)
-    msgs = ft.conversation_to_messages(sample)
+    msgs = conversation_to_messages(sample)
     text = proc.apply_chat_template(msgs, tokenize=False)
     ref = proc(images=[ds.load_image(sample["image"])], text=[text], return_tensors="pt")["input_ids"][0]
     assert torch.equal(ref, ids)
 
     last_img, first_answer = int(img.nonzero().max()), int(scored.nonzero().min())
     image = ds.load_image(sample["image"])
-    short = ft.tokenize_example(proc, sample, image, max_length=first_answer + 2)  # text cut at the end
+    short = tokenize_example(proc, sample, image, max_length=first_answer + 2)  # text cut at the end
     assert torch.equal(short.input_ids, ids[: first_answer + 2])
     assert torch.equal(short.labels, labels[: first_answer + 2])
     with pytest.raises(ValueError, match="no answer token fits"):  # nothing left to learn from
-        ft.tokenize_example(proc, sample, image, max_length=first_answer)
+        tokenize_example(proc, sample, image, max_length=first_answer)
     with pytest.raises(ValueError, match="image \\+ prompt need"):  # never cut through the image tokens
-        ft.tokenize_example(proc, sample, image, max_length=last_img)
+        tokenize_example(proc, sample, image, max_length=last_img)
 
 
 def test_collate_pads_tokens_and_patches(tiny_dir, data_dir):
     cfg = _cfg(tiny_dir, data_dir, data_dir / "unused")
-    proc = ft.load_processor(cfg)
-    ds = ft.ConversationDataset(cfg.train_jsonl, proc, cfg.max_length)
-    batch = ft.collate([ds[0], ds[1], ("bad", "image not found")], proc.tokenizer.pad_token_id)
+    proc = load_processor(cfg)
+    ds = ConversationDataset(cfg.train_jsonl, proc, cfg.max_length)
+    batch = collate([ds[0], ds[1], ("bad", "image not found")], proc.tokenizer.pad_token_id)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape[:1] == (2,)
     assert batch["pixel_values"].shape[-3:] == (3, 56, 56) and batch["image_sizes"].shape == (2, 2)
     assert batch["skipped"] == [("bad", "image not found")]
     pad = batch["attention_mask"] == 0
-    assert bool((batch["labels"][pad] == ft.IGNORE_INDEX).all())
+    assert bool((batch["labels"][pad] == IGNORE_INDEX).all())
 
 
-def test_finetune_loss_falls_resumes_exactly_and_merges(tiny_dir, data_dir, tmp_path):
+def test_finetune_loss_falls_resumes_exactly_and_merges(tiny_dir, data_dir, tmp_path, info_messages):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
 
     # 4 samples, batch 2 x accumulation 2: every optimizer step sees the same fixed batch
-    run = ft.main(TINY_CFG, [f"model_path={tiny_dir}", f"train_jsonl={data_dir / 'train.jsonl'}",
+    run = main(TINY_CFG, [f"model_path={tiny_dir}", f"train_jsonl={data_dir / 'train.jsonl'}",
                              f"val_jsonl={data_dir / 'train.jsonl'}", f"out_dir={tmp_path / 'run'}",
                              "lora_dropout=0.1", "max_steps=16", "save_every=8", "eval_every=8"])
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -162,9 +160,9 @@ def test_finetune_loss_falls_resumes_exactly_and_merges(tiny_dir, data_dir, tmp_
     cut = tmp_path / "cut"
     cut.mkdir()
     shutil.copytree(run / "checkpoints" / "step-000008", cut / "checkpoints" / "step-000008")
-    logs: list[str] = []
+    logs = info_messages("training.finetune_llm")
     cfg = _cfg(tiny_dir, data_dir, cut, lora_dropout=0.1, max_steps=16, save_every=8, eval_every=8)
-    ft.train(cfg, log=logs.append)
+    train(cfg)
     assert any("resumed from" in m and "step 8" in m for m in logs)
     a = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
@@ -173,17 +171,17 @@ def test_finetune_loss_falls_resumes_exactly_and_merges(tiny_dir, data_dir, tmp_
 
     # a checkpoint from a different setup is refused, not silently mixed in
     with pytest.raises(ValueError, match="lora_r"):
-        ft.train(_cfg(tiny_dir, data_dir, cut, lora_r=4, max_steps=20), log=lambda m: None)
+        train(_cfg(tiny_dir, data_dir, cut, lora_r=4, max_steps=20))
 
     # adapter on the base vs merged checkpoint: same logits; merged loads with transformers and generates
     proc = LlavaNextProcessor.from_pretrained(run / "merged")
     merged = LlavaNextForConditionalGeneration.from_pretrained(run / "merged").eval()
     base = LlavaNextForConditionalGeneration.from_pretrained(tiny_dir)
-    with ft._quiet_peft():
+    with quiet_peft():
         adapted = PeftModel.from_pretrained(base, run / "adapter").eval()
-    ds = ft.ConversationDataset(data_dir / "train.jsonl", proc, 1024)
+    ds = ConversationDataset(data_dir / "train.jsonl", proc, 1024)
     s = ds.sample(2)
-    msgs = ft.conversation_to_messages(s)[:1]
+    msgs = conversation_to_messages(s)[:1]
     inputs = proc(images=[ds.load_image(s["image"])], text=[proc.apply_chat_template(msgs, add_generation_prompt=True)],
                   return_tensors="pt")
     with torch.no_grad():
@@ -200,17 +198,17 @@ def test_adapter_save_reload_identical_logits(tiny_dir, data_dir, tmp_path):
     from transformers import LlavaNextForConditionalGeneration
 
     cfg = _cfg(tiny_dir, data_dir, tmp_path, lora_r=4, lora_alpha=8)
-    dist = ft.setup_distributed("cpu")
-    proc = ft.load_processor(cfg)
-    model = ft.build_peft_model(cfg, ft.load_base_model(cfg, dist))
+    dist = setup_distributed("cpu")
+    proc = load_processor(cfg)
+    model = build_peft_model(cfg, load_base_model(cfg, dist))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and not any("vision_tower" in n for n in trainable)
     assert all("language_model" in n or "multi_modal_projector" in n for n in trainable)
-    ds = ft.ConversationDataset(cfg.train_jsonl, proc, cfg.max_length)
-    batch = ft._to_device(ft.collate([ds[0], ds[3]], proc.tokenizer.pad_token_id), dist.device, torch.float32)
+    ds = ConversationDataset(cfg.train_jsonl, proc, cfg.max_length)
+    batch = to_device(collate([ds[0], ds[3]], proc.tokenizer.pad_token_id), dist.device, torch.float32)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):  # move the adapter away from its zero init so the check means something
-        loss, n = ft.token_loss_sum(model, batch)
+        loss, n = token_loss_sum(model, batch)
         (loss / n).backward()
         opt.step()
         opt.zero_grad()
@@ -220,23 +218,23 @@ def test_adapter_save_reload_identical_logits(tiny_dir, data_dir, tmp_path):
     with torch.no_grad():
         before = model(**inputs).logits
         base = LlavaNextForConditionalGeneration.from_pretrained(tiny_dir)
-        with ft._quiet_peft():
+        with quiet_peft():
             after = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(**inputs).logits
     assert torch.equal(before, after)
 
 
 def test_config_errors_are_one_clear_line(tiny_dir, data_dir, tmp_path):
-    with pytest.raises(ValueError, match="unknown config field"):
+    with pytest.raises(ValueError, match="unknown FinetuneConfig field"):
         _cfg(tiny_dir, data_dir, tmp_path, lora_rank=8)
     with pytest.raises(ValueError, match="model_path: not set"):
-        ft.load_config(REPO / "training" / "configs" / "lora_pulse7b.yaml")
+        load_config(REPO / "training" / "configs" / "lora_pulse7b.yaml")
     with pytest.raises(FileNotFoundError, match="model folder not found"):
-        ft.load_config(REPO / "training" / "configs" / "lora_pulse7b.yaml", {"model_path": str(tmp_path / "x")})
-    pulse = ft.load_config(REPO / "training" / "configs" / "lora_pulse7b.yaml",
+        load_config(REPO / "training" / "configs" / "lora_pulse7b.yaml", {"model_path": str(tmp_path / "x")})
+    pulse = load_config(REPO / "training" / "configs" / "lora_pulse7b.yaml",
                            [f"model_path={tiny_dir}", f"train_jsonl={data_dir / 'train.jsonl'}", "val_jsonl=null"])
     assert pulse.dtype == "bf16" and pulse.lora_r in (64, 128) and pulse.max_length >= 2048
     assert 2e-5 <= pulse.learning_rate <= 2e-4 and pulse.per_device_batch_size * pulse.grad_accum == 128
     if not torch.cuda.is_available():
         cfg = _cfg(tiny_dir, data_dir, tmp_path, quantization="4bit")
         with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-            ft.load_base_model(cfg, ft.setup_distributed("cpu"))
+            load_base_model(cfg, setup_distributed("cpu"))

@@ -7,8 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.train_encoder import (EncoderTrainConfig, EpochBatches, Objective, _train_module_class,
-                                    load_config, lr_lambda, main, param_groups, render_seed)
+from rag_ecg.errors import ConfigError
+from training.encoder_config import EncoderTrainConfig, load_config
+from training.encoder_data import EpochBatches, render_seed
+from training.encoder_objective import Objective, TrainModule, lr_lambda, param_groups
+from training.train_encoder import main
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "training" / "configs" / "encoder_tiny.yaml"
@@ -20,11 +23,11 @@ def test_configs_load_and_reject_unknown_fields():
         assert cfg.train_folds == [1, 2, 3, 4, 5, 6, 7, 8] and cfg.val_folds == [9]
     cfg = load_config(TINY, ["epochs=7", "eval-presets=[clean]", "lr=1e-4"])
     assert (cfg.epochs, cfg.eval_presets, cfg.lr) == (7, ["clean"], 1e-4)
-    with pytest.raises(ValueError, match="unknown config field\\(s\\) epoch$"):
+    with pytest.raises(ValueError, match="unknown EncoderTrainConfig field\\(s\\) epoch "):
         load_config(TINY, {"epoch": 3})
     with pytest.raises(ValueError, match="batch_size: contrastive training needs at least 2"):
         EncoderTrainConfig(batch_size=1)
-    with pytest.raises(FileNotFoundError, match="nope.yaml: config file not found"):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         load_config("nope.yaml")
 
 
@@ -56,7 +59,8 @@ def test_loss_falls_on_a_fixed_batch_of_real_rendered_ecgs(ptbxl_dir, model, dpi
     the trace tower reading the same kind of pages through the digitiser)."""
     import torch
 
-    from rag_ecg.encoder.model import ECGEncoder, case_text
+    from rag_ecg.encoder.model import ECGEncoder
+    from rag_ecg.encoder.text import case_text
     from rag_ecg.eval.metrics import labels_to_matrix
     from rag_ecg.data.labels import SUPERCLASSES
     from rag_ecg.data.records import ptbxl_record, read_ptbxl_index
@@ -80,7 +84,7 @@ def test_loss_falls_on_a_fixed_batch_of_real_rendered_ecgs(ptbxl_dir, model, dpi
     x = enc.model_input(pixels)
     tok = enc.tokenizer([case_text(r.report, r.codes, desc) for r in recs])
     y = torch.from_numpy(labels_to_matrix([r.labels for r in recs]).astype(np.float32))
-    module = _train_module_class()(enc)
+    module = TrainModule(enc)
     opt = torch.optim.AdamW(param_groups(module, 0.0), lr=3e-3)
     objective = Objective(aux_weight=1.0)
     module.train()
@@ -108,7 +112,7 @@ def test_trace_items_mix_signal_reads_and_digitised_pages(ptbxl_dir):
 
     from rag_ecg.encoder.model import ECGEncoder
     from rag_ecg.data.records import ptbxl_record, read_ptbxl_index
-    from training.train_encoder import CaseSet, RenderedPages
+    from training.encoder_data import CaseSet, RenderedPages
 
     rows, _ = read_ptbxl_index(ptbxl_dir)
     recs = [ptbxl_record(r) for r in rows[:4]]

@@ -5,7 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rag_ecg.data.images import ImageLoadError, load_image
+from rag_ecg.data.images import ImageLoadError, load_image, save_image
+from rag_ecg.data.records import read_ludb
+from rag_ecg.errors import InputError
+from rag_ecg.paper.layout import RenderConfig
+from rag_ecg.paper.render import render_record
 
 
 def _page(w: int = 120, h: int = 80) -> Image.Image:
@@ -39,9 +43,6 @@ def test_jpeg_exif_orientation_is_applied(tmp_path):
 
 
 def test_pdf_first_page_renders_at_requested_dpi(tmp_path, ludb_dir):
-    from rag_ecg.data.records import read_ludb
-    from rag_ecg.paper.render import RenderConfig, render_record
-
     page = render_record(read_ludb(ludb_dir / "data" / "2"), RenderConfig(dpi=50)).image
     second = _page()
     p = tmp_path / "ecg.pdf"
@@ -158,3 +159,12 @@ def test_missing_file_and_folder(tmp_path):
     d = tmp_path / "folder.png"
     d.mkdir()
     _fails(d, "not a file")
+
+
+def test_save_image_writes_the_suffix_format_atomically(tmp_path):
+    out = save_image(_page(), tmp_path / "new" / "card.jpg", quality=95)
+    with Image.open(out) as im:
+        assert im.format == "JPEG" and im.size == (120, 80)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["card.jpg"]  # no temp file left
+    with pytest.raises(InputError, match=r"card\.xyz: unknown image suffix"):
+        save_image(_page(), tmp_path / "card.xyz")

@@ -10,19 +10,16 @@ from sqlalchemy import select
 from index.ingest import ingest
 from rag_ecg.data.records import ptbxl_record, read_ptbxl_index
 from rag_ecg.data.store import Case, IngestRun, IngestSkip, load_case_record, open_store, scp_descriptions, summary
-
-
-def quiet(_msg):
-    pass
+from rag_ecg.errors import BackendError, InputError
 
 
 def test_ingest_is_idempotent_and_labels_match(store_url, ptbxl_dir, ludb_dir):
     store = open_store(store_url)
-    first = ingest(store, "ptbxl", ptbxl_dir, limit=40, batch_size=16, progress=False, log=quiet)
+    first = ingest(store, "ptbxl", ptbxl_dir, limit=40, batch_size=16, progress=False)
     assert (first.inserted, first.updated, first.skipped) == (40, 0, [])
-    ingest(store, "ludb", ludb_dir, limit=3, progress=False, log=quiet)
+    ingest(store, "ludb", ludb_dir, limit=3, progress=False)
     before = summary(store)
-    again = ingest(store, "ptbxl", ptbxl_dir, limit=40, progress=False, log=quiet)
+    again = ingest(store, "ptbxl", ptbxl_dir, limit=40, progress=False)
     assert (again.inserted, again.updated) == (0, 40)
     assert summary(store) == before
     assert before["by_source"] == {"ptbxl": 40, "ludb": 3}
@@ -51,10 +48,10 @@ def test_reingest_updates_changed_metadata(store_url, ptbxl_dir, tmp_path):
     (root / "records100").symlink_to(ptbxl_dir / "records100")
     (root / "ptbxl_database.csv").write_text("\n".join(lines) + "\n")
     store = open_store(store_url)
-    ingest(store, "ptbxl", root, progress=False, log=quiet)
+    ingest(store, "ptbxl", root, progress=False)
     (root / "ptbxl_database.csv").write_text("\n".join(lines).replace("sinusrhythmus normales ekg",
                                                                         "EDITED REPORT", 1) + "\n")
-    res = ingest(store, "ptbxl", root, progress=False, log=quiet)
+    res = ingest(store, "ptbxl", root, progress=False)
     assert (res.inserted, res.updated) == (0, 5)
     with store.session() as s:
         reports = [c.report for c in s.scalars(select(Case).order_by(Case.id))]
@@ -65,8 +62,8 @@ def test_reingest_updates_changed_metadata(store_url, ptbxl_dir, tmp_path):
 
 def test_load_case_record_round_trip(store_url, ptbxl_dir, ludb_dir):
     store = open_store(store_url)
-    ingest(store, "ptbxl", ptbxl_dir, limit=3, progress=False, log=quiet)
-    ingest(store, "ludb", ludb_dir, limit=1, progress=False, log=quiet)
+    ingest(store, "ptbxl", ptbxl_dir, limit=3, progress=False)
+    ingest(store, "ludb", ludb_dir, limit=1, progress=False)
     rows, _ = read_ptbxl_index(ptbxl_dir)
     with store.session() as s:
         cases = s.scalars(select(Case).order_by(Case.id)).all()
@@ -78,7 +75,7 @@ def test_load_case_record_round_trip(store_url, ptbxl_dir, ludb_dir):
     store.dispose()
 
 
-def test_bad_records_are_skipped_with_reasons_and_the_rest_kept(store_url, ptbxl_dir, tmp_path):
+def test_bad_records_are_skipped_with_reasons_and_the_rest_kept(store_url, ptbxl_dir, tmp_path, log_messages):
     folder = tmp_path / "mixed"
     folder.mkdir()
     for i, name in enumerate(["00024_lr", "00043_lr", "00055_lr", "00085_lr"]):
@@ -88,8 +85,8 @@ def test_bad_records_are_skipped_with_reasons_and_the_rest_kept(store_url, ptbxl
     dat.write_bytes(dat.read_bytes()[:500])  # truncated
     (folder / "00055_lr.dat").unlink()  # missing signal
     store = open_store(store_url)
-    lines = []
-    res = ingest(store, "wfdb", folder, batch_size=2, progress=False, log=lines.append)
+    lines = log_messages("index.ingest")
+    res = ingest(store, "wfdb", folder, batch_size=2, progress=False)
     assert res.inserted == 2 and len(res.skipped) == 2
     assert any(s.startswith("00043_lr: ") and "truncated" in s for s in res.skipped)
     assert any(s.startswith("00055_lr: signal file missing") for s in res.skipped)
@@ -109,5 +106,9 @@ def test_unknown_source_and_path(tmp_path):
 
 
 def test_unreachable_database_is_one_clear_line():
-    with pytest.raises(RuntimeError, match=r"127\.0\.0\.1:1/x: cannot open case store"):
+    with pytest.raises(BackendError, match=r"127\.0\.0\.1:1/x: cannot open case store") as exc:
         open_store("postgresql+psycopg2://u:secret@127.0.0.1:1/x")
+    assert isinstance(exc.value, RuntimeError) and "secret" not in str(exc.value)
+    for bad in ("notaurl", "foo://x/y"):  # a URL that cannot work is bad input, not a failing server
+        with pytest.raises(InputError, match=f"{bad}: cannot open case store"):
+            open_store(bad)

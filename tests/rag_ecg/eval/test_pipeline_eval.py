@@ -1,9 +1,11 @@
 """End-to-end evaluation: labelled sets from real folders, hand-checked scoring, a real run on a real index."""
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
+from PIL import Image
 
 from rag_ecg.eval.pipeline import (EvalConfig, EvalError, LabelledChart, load_labelled, parse_folds, run_eval,
                                    score_reports)
@@ -48,8 +50,6 @@ def test_parse_folds():
 
 
 def test_load_labelled_real_folders(ptbxl_dir, ludb_dir):
-    import csv
-
     fold9 = load_labelled(ptbxl_dir, "val")
     with open(ptbxl_dir / "ptbxl_database.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(float(r["strat_fold"])) == 9]
@@ -65,8 +65,6 @@ def test_load_labelled_real_folders(ptbxl_dir, ludb_dir):
 
 
 def test_labelled_images_csv_skips_bad_rows(tmp_path):
-    from PIL import Image
-
     Image.new("RGB", (40, 30), "white").save(tmp_path / "a.png")
     (tmp_path / "labels.csv").write_text("path,labels\na.png,MI STTC\nmissing.png,NORM\na.png,XYZ\n")
     got = load_labelled(tmp_path)
@@ -83,8 +81,7 @@ def test_labelled_images_csv_skips_bad_rows(tmp_path):
 def test_run_eval_end_to_end_and_resumes(tmp_path, ptbxl_dir, tiny_index, scratch_store):
     labelled = load_labelled(ptbxl_dir, "val", limit=4)
     cfg = EvalConfig(presets=["clean", "photo"], workers=1)
-    res = run_eval(labelled, tmp_path / "ev", scratch_store, tiny_index["index"], cfg, progress=False,
-                   log=lambda m: None)
+    res = run_eval(labelled, tmp_path / "ev", scratch_store, tiny_index["index"], cfg, progress=False)
     assert list(res["presets"]) == ["clean", "photo"]
     for m in res["presets"].values():
         assert m["charts"] == 4 and m["errors"] == 0 and m["citations_valid"] == 1.0
@@ -94,7 +91,7 @@ def test_run_eval_end_to_end_and_resumes(tmp_path, ptbxl_dir, tiny_index, scratc
     assert saved["presets"]["photo"]["macro_f1"] == res["presets"]["photo"]["macro_f1"]
     md = (tmp_path / "ev" / "eval.md").read_text()
     assert "| clean | 4 |" in md and "| photo | 4 |" in md
-    again = run_eval(labelled, tmp_path / "ev", scratch_store, tiny_index["index"], cfg, progress=False,
-                     log=lambda m: None)  # the jobs are done: nothing is reviewed twice, same figures
+    again = run_eval(labelled, tmp_path / "ev", scratch_store, tiny_index["index"], cfg,
+                     progress=False)  # the jobs are done: nothing is reviewed twice, same figures
     assert again["presets"] == res["presets"] | {p: {**res["presets"][p], "charts_per_s": 0.0}
                                                   for p in res["presets"]}

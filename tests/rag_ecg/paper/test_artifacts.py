@@ -5,16 +5,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rag_ecg.paper.artifacts import ARTIFACTS, PRESETS, apply_artifact, apply_preset, preset_steps
-from rag_ecg.data.records import ptbxl_record, read_ptbxl_index
-from rag_ecg.paper.render import RenderConfig, render_record
+from rag_ecg.paper.artifacts import ARTIFACTS, apply_artifact
+from rag_ecg.paper.layout import RenderConfig
+from rag_ecg.paper.presets import PRESETS, apply_preset, preset_steps
+from rag_ecg.paper.render import render_record
 
 
 @pytest.fixture(scope="module")
-def page(ptbxl_dir) -> Image.Image:
-    rows, _ = read_ptbxl_index(ptbxl_dir)
-    rec = ptbxl_record(next(r for r in rows if r.ecg_id == "310"))
-    return render_record(rec, RenderConfig(dpi=80)).image
+def page(ptb) -> Image.Image:
+    return render_record(ptb, RenderConfig(dpi=80)).image
 
 
 def _diff(a: Image.Image, b: Image.Image) -> float:

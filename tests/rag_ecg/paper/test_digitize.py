@@ -7,15 +7,11 @@ import pytest
 from PIL import Image
 
 from rag_ecg.paper.digitize import N_SAMPLES, DigitizeError, agreement, canonicalize, digitize
-from rag_ecg.encoder.model import ECGEncoder, TracePreprocess
-from rag_ecg.data.records import STANDARD_LEADS, ptbxl_record, read_ludb, read_ptbxl_index
-from rag_ecg.paper.render import LAYOUTS, RenderConfig, render_page_and_layout
-
-
-@pytest.fixture(scope="module")
-def ptb(ptbxl_dir):
-    rows, _ = read_ptbxl_index(ptbxl_dir)
-    return ptbxl_record(next(r for r in rows if r.ecg_id == "310"))  # RBBB + anterior MI, sinus rhythm
+from rag_ecg.encoder.model import ECGEncoder
+from rag_ecg.encoder.preprocess import TracePreprocess
+from rag_ecg.data.records import STANDARD_LEADS, read_ludb
+from rag_ecg.paper.layout import LAYOUTS, RenderConfig
+from rag_ecg.paper.render import render_page_and_layout
 
 
 def _agreement(record, image, result) -> tuple[str, float]:
@@ -109,7 +105,7 @@ def test_trace_index_refuses_a_picture_without_traces_in_one_line(ingested_store
 
     ECGEncoder.create("ecg-clip-trace", seed=0).save(tmp_path / "encoder")
     build_index(ingested_store, tmp_path / "encoder", name="trace", out_dir=tmp_path / "index",
-                cfg=BuildConfig(workers=1, page_width=0, dpi=100), progress=False, log=lambda m: None)
+                cfg=BuildConfig(workers=1, page_width=0, dpi=100), progress=False)
     cal = json.loads((tmp_path / "index" / "manifest.json").read_text())["calibration"]
     assert cal["min_top_score"] is None and cal["platt"]
     blank = tmp_path / "desk-photo.png"

@@ -6,8 +6,11 @@ import pytest
 pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 
-from rag_ecg.reader.interpret import BackendError, get_backend, interpret  # noqa: E402
+from rag_ecg.errors import BackendError  # noqa: E402
+from rag_ecg.reader.backends import get_backend  # noqa: E402
+from rag_ecg.reader.interpret import interpret  # noqa: E402
 from rag_ecg.reader.prompts import SYSTEM_PROMPT, build_messages, format_evidence  # noqa: E402
+from rag_ecg.reader.report_render import render_text  # noqa: E402
 from tests.openai_server import ptbxl_evidence, tiny_llava_dir  # noqa: E402
 
 
@@ -51,7 +54,7 @@ def test_interpret_keeps_nonsense_as_unparsed_after_one_retry(backend, evidence)
     assert r.backend == "hf" and r.model == "tiny-llava"
     assert not r.parsed and r.parse_error and r.raw_text is not None  # a random model writes no JSON
     assert r.retrieval.cases[0].case_id == 1000 and r.retrieval.k == 3
-    assert "could not be parsed" in r.to_text()
+    assert "could not be parsed" in render_text(r)
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):

@@ -6,12 +6,14 @@ import html
 import io
 import json
 import re
+from dataclasses import replace
 
 import pytest
 from PIL import Image
 
-from rag_ecg.reader.report import (NOTICE, Diagnosis, ParseError, Report, Statement, check_citations, extract_json,
-                            parse_answer, unparsed_report)
+from rag_ecg.reader.parse import ParseError, extract_json, parse_answer
+from rag_ecg.reader.report import NOTICE, Diagnosis, Report, RetrievalInfo, Statement, check_citations, unparsed_report
+from rag_ecg.reader.report_render import render_html, render_report, render_text, save_report
 from tests.openai_server import ptbxl_evidence
 
 
@@ -81,7 +83,7 @@ def test_citation_to_a_case_not_retrieved_is_dropped_and_flagged(evidence):
     dropped = {d.where: d.unknown for d in r.dropped_citations}
     assert dropped == {"findings[2]": [4242], "diagnoses[1]": [77], "impression": [9999]}
     assert 4242 not in r.cited_case_ids and 77 not in r.cited_case_ids
-    text = r.to_text()
+    text = render_text(r)
     assert "Removed by the citation check" in text and "4242" in text
 
 
@@ -128,10 +130,10 @@ def test_json_round_trip_and_unparsed_flag(evidence):
     assert again == r
     u = unparsed_report("lorem ipsum", "no JSON object found in the answer")
     assert not u.parsed and Report.from_dict(u.to_dict()) == u
-    assert "could not be parsed" in u.to_text() and "lorem ipsum" in u.to_text()
-    assert NOTICE.upper() in u.to_text()
+    assert "could not be parsed" in render_text(u) and "lorem ipsum" in render_text(u)
+    assert NOTICE.upper() in render_text(u)
     with pytest.raises(ValueError, match="expected text, json or html"):
-        r.render("pdf")
+        render_report(r, "pdf")
 
 
 def _png(tmp_path, name, color):
@@ -141,16 +143,12 @@ def _png(tmp_path, name, color):
 
 
 def test_html_is_self_contained_and_escaped(evidence, tmp_path):
-    from dataclasses import replace
-
-    from rag_ecg.reader.report import RetrievalInfo
-
     r = parse_answer(answer(GOOD_JSON))
     r.findings.append(Statement("<script>alert('x')</script> & more", [1000]))
     r = replace(r, backend="hf", model="pulse", retrieval=RetrievalInfo.from_evidence(evidence))
     r = check_citations(r, evidence)
-    page = r.to_html(query_image=_png(tmp_path, "q.png", "white"),
-                     case_images={1000: _png(tmp_path, "c.png", "red"), 1001: tmp_path / "missing.png"})
+    page = render_html(r, query_image=_png(tmp_path, "q.png", "white"),
+                       case_images={1000: _png(tmp_path, "c.png", "red"), 1001: tmp_path / "missing.png"})
     assert "<script>" not in page and html.escape("<script>alert('x')</script>") in page
     assert NOTICE in page
     urls = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
@@ -158,7 +156,7 @@ def test_html_is_self_contained_and_escaped(evidence, tmp_path):
     thumb = Image.open(io.BytesIO(base64.b64decode(urls[1])))
     assert max(thumb.size) <= 360 and thumb.getpixel((5, 5)) == (255, 0, 0)
     assert "image unavailable" in page and "src=\"http" not in page
-    saved = r.save(tmp_path / "out" / "report.html", query_image=_png(tmp_path, "q2.png", "white"))
+    saved = save_report(r, tmp_path / "out" / "report.html", query_image=_png(tmp_path, "q2.png", "white"))
     assert saved.read_text().startswith("<!DOCTYPE html>")
     assert not list((tmp_path / "out").glob(".*.tmp"))
 

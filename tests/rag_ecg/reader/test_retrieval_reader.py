@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from rag_ecg.reader.interpret import BackendError, get_backend, interpret, report_command
+from rag_ecg.errors import BackendError
+from rag_ecg.reader.backends import backend_from_config, get_backend
+from rag_ecg.reader.interpret import interpret, report_command
 from rag_ecg.reader.retrieval import RetrievalBackend
 from rag_ecg.data.records import read_ptbxl_index
 from tests.openai_server import ptbxl_evidence
@@ -88,8 +90,6 @@ def test_report_command_renders_every_format(ptbxl_dir, tmp_path):
 
 
 def test_backend_from_yaml_config(tmp_path, ptbxl_dir):
-    from rag_ecg.reader.interpret import backend_from_config
-
     cfg = tmp_path / "reader.yaml"
     cfg.write_text("backend: retrieval\noptions:\n  threshold: 0.3\n  impression_cases: 1\n")
     be = backend_from_config(cfg)

@@ -14,8 +14,10 @@ import pytest
 pytest.importorskip("openai")
 from PIL import Image  # noqa: E402
 
-from rag_ecg.reader.interpret import BackendError, get_backend, interpret, interpret_many  # noqa: E402
-from rag_ecg.reader.base import decode_data_url  # noqa: E402
+from rag_ecg.errors import BackendError  # noqa: E402
+from rag_ecg.reader.backends import get_backend  # noqa: E402
+from rag_ecg.reader.interpret import interpret  # noqa: E402
+from rag_ecg.reader.messages import decode_data_url  # noqa: E402
 from rag_ecg.reader.prompts import build_messages, format_evidence  # noqa: E402
 from tests.openai_server import OpenAITestServer, ptbxl_evidence, tiny_llava_dir  # noqa: E402
 from tests.rag_ecg.reader.test_report import GOOD_JSON, answer  # noqa: E402
@@ -121,22 +123,3 @@ def test_unreachable_server_names_the_url(evidence):
     with pytest.raises(BackendError, match=rf"vLLM server at http://127\.0\.0\.1:{port}/v1: list models failed "
                                            r"after 2 attempt\(s\): unreachable"):
         be.generate(build_messages(evidence, None), [])
-
-
-def test_generate_many_runs_concurrently_and_keeps_order(tiny_hf, evidence):
-    reqs = [([{"role": "user", "content": f"Rhythm of ECG number {i}?"}], []) for i in range(4)]
-    expected = [tiny_hf.generate(m, imgs) for m, imgs in reqs]
-    with OpenAITestServer(backend=tiny_hf) as srv:
-        srv.delay_s = 0.3  # hold each request so parallel ones overlap on the server
-        out = client(srv, model="tiny-llava").generate_many(reqs, max_concurrency=4)
-    assert out == expected and srv.max_in_flight > 1
-
-
-def test_interpret_many_returns_errors_in_place(evidence):
-    with OpenAITestServer(replies=[answer(GOOD_JSON)]) as srv:
-        be = client(srv, model="tiny-llava", max_retries=0)
-        first = interpret_many([(page(), evidence)], be, max_concurrency=2)
-        srv.always_status = 400
-        second = interpret_many([(page(), evidence), (None, evidence)], be, max_concurrency=2)
-    assert first[0].parsed
-    assert all(isinstance(x, BackendError) and "HTTP 400" in str(x) for x in second)

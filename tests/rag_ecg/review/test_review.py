@@ -1,125 +1,34 @@
 """Batch chart review end to end: real PTB-XL charts + planted bad files -> statuses, outputs, resume.
 
-The reference library is a real store (conftest's 80 PTB-XL + 5 LUDB cases, copied) indexed with the tiny
-random-init encoder `ecg-clip-tiny`. Good charts are drawn the way the library pages are (clean preset at
-the index's 100 dpi, saved as PNG/JPEG/PDF/BMP/TIFF, plus a raw WFDB record the review draws itself):
-with an untrained encoder every page embeds within ~1e-3 cosine of every other, so the calibrated
-not-an-ECG floor is tight and photo-like artifacts would fall below it. The gradient+noise picture is far
-below it. Built once per session on disk (`review_env`), shared with test_review_html / test_review_ray.
+The charts, store and index are conftest's (`review_env`), shared with test_review_html / test_review_ray;
+`uninterrupted` is one clean run that the resumed and killed runs must reproduce.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from rag_ecg.review.job import (ReviewConfig, ReviewError, discover, item_row, job_key, parse_store_query,
-                            review)
-from rag_ecg.data.store import ReviewItem, ReviewJob, open_store
+from rag_ecg.data.store import Case, ReviewItem, ReviewJob, open_store
+from rag_ecg.errors import BackendError, ConfigError
+from rag_ecg.review.config import ReviewConfig, ReviewError
+from rag_ecg.review.inputs import discover, parse_store_query
+from rag_ecg.review.jobs import job_key
+from rag_ecg.review.outputs import item_row
+from rag_ecg.review.run import review
+from tests.openai_server import OpenAITestServer
+from tests.rag_ecg.reader.test_report import GOOD_JSON, answer
+from tests.rag_ecg.review.conftest import (ALL_KEYS, BAD, BATCH, GOOD, GOOD_KEYS, comparable, copy_db, fresh_store,
+                                           rows_of)
 
 ROOT = Path(__file__).resolve().parents[3]
-
-# (chart path in the folder, PTB-XL record, PIL save options): clean pages of records outside the store
-GOOD = [
-    ("good/page.png", "04240_lr", {}),
-    ("good/page.jpg", "04319_lr", {"quality": 95}),
-    ("good/page.pdf", "04192_lr", {"resolution": 100.0}),
-    ("good/page.bmp", "04355_lr", {}),
-    ("good/page.tif", "04141_lr", {}),
-    ("good/nested/other.png", "04215_lr", {}),
-]
-GOOD_WFDB = ("good/wfdb", "04385_lr")  # copied as .hea/.dat; the review draws it
-BAD = {  # chart key -> what its one-line error must say
-    "bad/corrupt.png": "corrupt or truncated",
-    "bad/text.jpg": "not an image",
-    "bad/empty.png": "empty file",
-    "bad/gradient.png": "not an ECG",
-    "bad/04178_lr.hea": "truncated",
-    "bad/broken.pdf": "unreadable PDF",
-}
-GOOD_KEYS = sorted([g[0] for g in GOOD] + [f"{GOOD_WFDB[0]}/{GOOD_WFDB[1]}.hea"])
-ALL_KEYS = sorted(GOOD_KEYS + list(BAD))
-BATCH = 4  # every run of the same job uses it: results are then reproduced exactly
-
-
-def make_charts(folder: Path, ptbxl_dir: Path) -> None:
-    """Real rendered charts in several formats + the planted bad files."""
-    import shutil
-
-    from PIL import Image
-
-    from rag_ecg.data.records import read_wfdb
-    from rag_ecg.paper.render import render_page
-
-    recs = ptbxl_dir / "records100"
-    for rel, rec, opts in GOOD:
-        p = folder / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        render_page(read_wfdb(recs / rec), preset="clean", seed=0, dpi=100).save(p, **opts)
-    wf = folder / GOOD_WFDB[0]
-    wf.mkdir(parents=True, exist_ok=True)
-    for ext in (".hea", ".dat"):
-        shutil.copy(recs / f"{GOOD_WFDB[1]}{ext}", wf / f"{GOOD_WFDB[1]}{ext}")
-    bad = folder / "bad"
-    bad.mkdir()
-    png = (folder / "good/page.png").read_bytes()
-    (bad / "corrupt.png").write_bytes(png[: len(png) // 3])
-    (bad / "text.jpg").write_text("Patient list, not a picture\n")
-    (bad / "empty.png").write_bytes(b"")
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:600, 0:800]
-    photo = np.stack([x / 800 * 255, y / 600 * 200, (1 - x / 800) * 180], -1) + rng.normal(0, 25, (600, 800, 3))
-    Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)).save(bad / "gradient.png")
-    shutil.copy(recs / "04178_lr.hea", bad / "04178_lr.hea")
-    dat = (recs / "04178_lr.dat").read_bytes()
-    (bad / "04178_lr.dat").write_bytes(dat[: len(dat) // 2])
-    (bad / "broken.pdf").write_bytes(b"%PDF-1.4\n1 0 obj garbage\n")
-    (folder / "notes.txt").write_text("not a chart: ignored by discovery\n")
-
-
-def copy_db(src_url: str, dst: Path) -> str:
-    """A consistent copy of a SQLite store (sqlite backup API): same case ids as the original."""
-    src = sqlite3.connect(src_url.removeprefix("sqlite:///"))
-    out = sqlite3.connect(dst)
-    src.backup(out)
-    out.close()
-    src.close()
-    return f"sqlite:///{dst}"
-
-
-def build_env(base: Path, ingested_store, ptbxl_dir: Path) -> dict:
-    """Store copy + tiny-encoder index + charts folder, built once per session (a marker file on disk)."""
-    marker = base / "ready.json"
-    if marker.exists():
-        return json.loads(marker.read_text())
-    from index.build import BuildConfig, build_index
-    from rag_ecg.encoder.model import ECGEncoder
-
-    base.mkdir(parents=True, exist_ok=True)
-    url = copy_db(ingested_store.url, base / "cases.db")
-    ECGEncoder.create("ecg-clip-tiny", seed=0).save(base / "encoder")
-    store = open_store(url)
-    build_index(store, base / "encoder", name="review-test", out_dir=base / "index",
-                cfg=BuildConfig(workers=1, page_width=400), progress=False, log=lambda m: None)
-    store.dispose()
-    make_charts(base / "charts", ptbxl_dir)
-    env = {"db": str(base / "cases.db"), "url": url, "index": str(base / "index"), "charts": str(base / "charts"),
-           "base": str(base)}
-    marker.write_text(json.dumps(env))
-    return env
-
-
-def fresh_store(env: dict, folder: Path) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    return copy_db(env["url"], folder / "review.db")
 
 
 def children_of(pid: int) -> list[int]:
@@ -140,52 +49,6 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def rows_of(out_dir: Path) -> dict[str, dict]:
-    return {r["chart"]: r for r in map(json.loads, (out_dir / "results.jsonl").read_text().splitlines())}
-
-
-def comparable(row: dict) -> dict:
-    """What must match between runs of the same job (not timings, attempts, finish times)."""
-    return {k: row[k] for k in ("chart", "status", "error", "diagnoses", "impression", "cited_cases",
-                                "neighbours", "report")}
-
-
-def assert_close(a, b, where: str = "", tol: float = 1e-4) -> None:
-    """Deep equality with float tolerance: what 'the same results' means across processes whose torch
-    was started with other thread settings (Ray actors run one thread): embeddings then differ in the
-    last float32 bit, similarities by ~1e-7; ids, statuses, labels and texts must still be equal."""
-    if isinstance(a, float) or isinstance(b, float):
-        assert a == pytest.approx(b, abs=tol), where
-    elif isinstance(a, dict) and isinstance(b, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            assert_close(a[k], b[k], f"{where}.{k}", tol)
-    elif isinstance(a, list) and isinstance(b, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_close(x, y, f"{where}[{i}]", tol)
-    else:
-        assert a == b, where
-
-
-@pytest.fixture(scope="session")
-def review_env(tmp_path_factory, ingested_store, ptbxl_dir) -> dict:
-    return build_env(tmp_path_factory.getbasetemp() / "review-env", ingested_store, ptbxl_dir)
-
-
-@pytest.fixture(scope="session")
-def uninterrupted(review_env) -> dict:
-    """One uninterrupted local review of the charts folder (loader processes, batches of 4)."""
-    base = Path(review_env["base"]) / "uninterrupted"
-    marker = base / "summary.json"
-    if not marker.exists():
-        url = fresh_store(review_env, base)
-        s = review(review_env["charts"], base / "out", store=url, index_dir=review_env["index"], workers=2,
-                   batch_size=BATCH, progress=False)
-        marker.write_text(json.dumps(s.to_dict()))
-    return {"summary": json.loads(marker.read_text()), "out": base / "out", "url": f"sqlite:///{base / 'review.db'}"}
 
 
 def test_batch_records_the_right_status_for_every_chart(uninterrupted):
@@ -209,8 +72,6 @@ def test_batch_records_the_right_status_for_every_chart(uninterrupted):
 
 
 def test_outputs_are_complete_and_consistent(uninterrupted):
-    import csv
-
     out = uninterrupted["out"]
     with open(out / "results.csv", newline="") as f:
         table = list(csv.DictReader(f))
@@ -255,7 +116,7 @@ def test_killed_run_resumes_to_the_same_results(review_env, uninterrupted, tmp_p
     url = fresh_store(review_env, tmp_path)
     out = tmp_path / "out"
     code = (
-        "from rag_ecg.review.job import review\n"
+        "from rag_ecg.review.run import review\n"
         "def on_batch(b):\n"
         "    print('committed', b.committed, flush=True)\n"
         f"review({review_env['charts']!r}, {str(out)!r}, store={url!r}, index_dir={review_env['index']!r},"
@@ -322,8 +183,6 @@ def test_csv_list_and_store_query_inputs(review_env, tmp_path):
     s = review("store:source=ptbxl,fold=9,limit=3", tmp_path / "out-store", store=store,
                index_dir=review_env["index"], workers=1, batch_size=BATCH, progress=False)
     assert (s.total, s.done) == (3, 3)
-    from rag_ecg.data.store import Case
-
     with store.session() as ses:
         for key, row in rows_of(tmp_path / "out-store").items():
             case = ses.get(Case, int(key.removeprefix("case:")))
@@ -337,9 +196,6 @@ def test_text_backend_calls_run_concurrently_and_a_dead_backend_leaves_charts_pe
     """The vllm backend over real HTTP (tests/openai_server.py): --workers parallel requests; a server
     that always fails stops the run with every chart it reached left pending for the next run."""
     pytest.importorskip("openai")
-    from tests.openai_server import OpenAITestServer
-    from tests.rag_ecg.reader.test_report import GOOD_JSON, answer
-
     folder = tmp_path / "charts"
     folder.mkdir()
     for rel, _, _ in GOOD[:4]:
@@ -361,7 +217,7 @@ def test_text_backend_calls_run_concurrently_and_a_dead_backend_leaves_charts_pe
     with OpenAITestServer() as srv:
         srv.always_status = 500
         opts = dict(base_url=srv.url, model="tiny-llava", timeout_s=5.0, max_retries=0, backoff_s=0.01)
-        with pytest.raises(ReviewError, match="backend vllm: every chart of the last batch failed"):
+        with pytest.raises(BackendError, match="backend vllm: every chart of the last batch failed"):
             review(folder, tmp_path / "out-dead", store=url2, index_dir=review_env["index"], backend="vllm",
                    backend_options=opts, workers=2, batch_size=BATCH, progress=False)
     store = open_store(url2)
@@ -406,10 +262,7 @@ def test_inputs_settings_and_job_keys_are_checked(review_env, tmp_path):
     assert desc.startswith("dir:") and [c.key for c in charts] == ALL_KEYS[:5]
     with pytest.raises(ReviewError, match="engine 'spark'"):
         ReviewConfig(engine="spark")
-    cfg_file = tmp_path / "review.yaml"
-    cfg_file.write_text("review:\n  k: 5\n  backend: vllm\n  backend_options: {base_url: 'http://x/v1', model: m}\n")
-    cfg = ReviewConfig.from_yaml(cfg_file)
-    assert (cfg.k, cfg.backend) == (5, "vllm")
+    cfg = ReviewConfig(k=5, backend="vllm", backend_options={"base_url": "http://x/v1", "model": "m"})
     index = {"path": "/i", "encoder_hash": "h", "built": "t"}
     base = job_key("dir:/x", cfg, index)
     moved = ReviewConfig.from_dict({**cfg.__dict__, "workers": 9, "batch_size": 3,
@@ -417,7 +270,7 @@ def test_inputs_settings_and_job_keys_are_checked(review_env, tmp_path):
     assert job_key("dir:/x", moved, index) == base  # where the server is / how fast: same job
     assert job_key("dir:/x", ReviewConfig.from_dict({**cfg.__dict__, "k": 6}), index) != base
     assert job_key("dir:/x", cfg, {**index, "encoder_hash": "h2"}) != base  # a rebuilt index: a new job
-    with pytest.raises(ReviewError, match="unknown field\\(s\\) kk"):
+    with pytest.raises(ConfigError, match="unknown ReviewConfig field\\(s\\) kk"):
         ReviewConfig.from_dict({"kk": 1})
     with pytest.raises(ReviewError, match="no finished index here"):
         review(review_env["charts"], tmp_path / "o", store=f"sqlite:///{tmp_path / 'x.db'}",
@@ -432,40 +285,4 @@ def test_item_row_flattens_a_report(uninterrupted):
     assert row["chart"] == "good/page.png" and row["status"] == "done"
     assert row["diagnoses"] == sorted(row["diagnoses"], key=lambda d: -d["confidence"])
     assert row["timings"]["total"] == pytest.approx(sum(row["timings"][k] for k in ("load", "embed", "search", "report")))
-    store.dispose()
-
-
-def test_job_rows_on_sqlite_and_postgresql(store_url, tmp_path):
-    """The durable-job SQL (create/find, bulk insert, attempts, one-transaction commit, outputs) on both
-    databases the store supports."""
-    from rag_ecg.review.job import (Chart, ChartResult, add_items, commit_results, open_job, pending_batches,
-                                start_attempts, status_counts, write_outputs)
-
-    store = open_store(store_url)
-    cfg = ReviewConfig(batch_size=2, max_attempts=2)
-    settings = {"review": {"backend": "retrieval", "k": 8, "preset": "clean", "dpi": 100}, "index": {}}
-    job, existed = open_job(store, "a" * 64, "dir:/charts", tmp_path, settings)
-    assert not existed and open_job(store, "a" * 64, "dir:/charts", tmp_path, settings) == (job, True)
-    charts = [Chart(f"c{i}.png", f"/charts/c{i}.png", "image") for i in range(5)]
-    assert add_items(store, job, charts) == 5 and add_items(store, job, charts) == 0
-    batches = list(pending_batches(store, job, 2))
-    assert [len(b) for b in batches] == [2, 2, 1] and [b[1] for b in batches[0]] == ["c0.png", "c1.png"]
-    assert start_attempts(store, batches[0], 2) == []
-    report = {"diagnoses": [{"label": "normal ECG", "confidence": 0.8, "code": None, "superclass": "NORM",
-                             "cited": [3]}], "impression": {"text": "Like case 3.", "cited": [3]}}
-    commit_results(store, tmp_path, [
-        ChartResult(batches[0][0][0], "done", None, {"load": 0.1, "embed": 0.01, "search": 0.01, "report": 0.001},
-                    report, [{"case_id": 3, "score": 0.9, "labels": ["NORM"]}]),
-        ChartResult(batches[0][1][0], "error", "c1.png: empty file", {"load": 0.01})])
-    assert status_counts(store, job) == {"pending": 3, "done": 1, "error": 1}
-    # c2 and c3 were being processed by a run that died twice: given up at the next start
-    assert start_attempts(store, batches[1], 2) == [] and start_attempts(store, batches[1], 2) == []
-    gave_up = start_attempts(store, batches[1], 2)
-    assert [r.status for r in gave_up] == ["error", "error"] and "gave up after 2 attempts" in gave_up[0].error
-    commit_results(store, tmp_path, gave_up)
-    out = write_outputs(store, job, tmp_path, cfg)
-    rows = rows_of(tmp_path)
-    assert rows["c0.png"]["top_diagnosis"] == "NORM" and rows["c0.png"]["cited_cases"] == [3]
-    assert rows["c1.png"]["error"] == "c1.png: empty file" and rows["c4.png"]["status"] == "pending"
-    assert out["csv"].read_text().count("\n") == 6
     store.dispose()

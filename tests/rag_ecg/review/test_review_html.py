@@ -16,9 +16,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from rag_ecg.review.html import histogram_svg, render_page
-from tests.rag_ecg.review.test_review import ALL_KEYS, GOOD_KEYS, review_env, uninterrupted  # noqa: F401 (fixtures)
+from tests.rag_ecg.review.conftest import ALL_KEYS, GOOD_KEYS
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -99,8 +100,6 @@ def test_review_page_renders_every_row_and_picture_in_chromium(uninterrupted, tm
     shot = tmp_path / "review.png"
     res = run_browser((out / "index.html").as_uri(), tmp_path, f"--screenshot={shot}", "--window-size=1400,2200")
     assert res.returncode == 0 and shot.stat().st_size > 20_000, res.stderr[-2000:]
-    from PIL import Image
-
     with Image.open(shot) as im:
         assert im.size == (1400, 2200)
         assert len(set(im.convert("L").resize((70, 110)).getdata())) > 20  # not a blank page

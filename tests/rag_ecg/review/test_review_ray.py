@@ -1,6 +1,6 @@
 """The Ray Data engine on a local Ray instance gives the local engine's results.
 
-"The same" up to float32 rounding of similarities (see test_review.assert_close): Ray actors start torch
+"The same" up to float32 rounding of similarities (see conftest.assert_close): Ray actors start torch
 with one thread, and oneDNN then picks kernels whose sums round differently in the last bit.
 
 Ray is an optional extra (`ray[data]`); the test is skipped when it is not installed, unless
@@ -13,8 +13,9 @@ import os
 
 import pytest
 
-from tests.rag_ecg.review.test_review import (ALL_KEYS, BATCH, assert_close, comparable, fresh_store,  # noqa: F401
-                               review_env, rows_of, uninterrupted)
+from rag_ecg.data.store import ReviewItem, open_store
+from rag_ecg.review.run import review
+from tests.rag_ecg.review.conftest import ALL_KEYS, BATCH, assert_close, comparable, fresh_store, rows_of
 
 if os.environ.get("RAG_ECG_REQUIRE_RAY") != "1":
     pytest.importorskip("ray", reason="Ray Data not installed (pip install 'ray[data]==2.60.0')")
@@ -30,9 +31,6 @@ def local_ray():
 
 
 def test_ray_engine_matches_the_local_engine(local_ray, review_env, uninterrupted, tmp_path):
-    from rag_ecg.review.job import review
-    from rag_ecg.data.store import ReviewItem, open_store
-
     url = fresh_store(review_env, tmp_path)
     s = review(review_env["charts"], tmp_path / "out", store=url, index_dir=review_env["index"], engine="ray",
                workers=1, batch_size=BATCH, progress=False)  # one actor per stage: quick to start on 2 cores

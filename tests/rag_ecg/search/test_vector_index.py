@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rag_ecg.search.vector_index import (IndexConfig, IndexLoadError, IndexMismatchError, VectorIndex,
-                                  VectorIndexError, build, l2_normalise, load, manifest_path)
+from rag_ecg.search.index_config import IndexConfig, VectorIndexError
+from rag_ecg.search.index_files import IndexLoadError, IndexMismatchError, manifest_path
+from rag_ecg.search.vector_index import VectorIndex, build, l2_normalise, load
 
 DIM = 32
 # tiny but real configs: 6-bit PQ (64 codes) trains on a few thousand vectors
@@ -302,7 +303,7 @@ def test_bad_inputs_are_rejected_with_clear_errors(data):
         (lambda: index.search([["a"] * DIM], 3), "not a numeric array"),
         (lambda: IndexConfig(kind="lsh"), "kind='lsh'"),
         (lambda: index.save("/tmp/x.json"), "cannot end in .json"),
-        (lambda: IndexConfig.from_dict({"nprobes": 3}), "unknown field"),
+        (lambda: IndexConfig.from_dict({"nprobes": 3}), "unknown IndexConfig field"),
         (lambda: IndexConfig(device="gpu") and VectorIndex(DIM, IndexConfig(device="gpu")), "sees no GPU"),
         (lambda: VectorIndex(DIM, IndexConfig(kind="ivfpq", pq_m=5)), "pq_m=5: must divide the embedding dim 32"),
     ]
@@ -312,15 +313,12 @@ def test_bad_inputs_are_rejected_with_clear_errors(data):
     assert index.ntotal == 100  # nothing half-added
 
 
-def test_config_from_yaml_and_dict(tmp_path):
-    p = tmp_path / "index.yaml"
-    p.write_text("index:\n  kind: hnsw\n  ef_search: 96\n  hnsw_m: 24\n")
-    cfg = IndexConfig.from_yaml(p)
+def test_config_from_dict():
+    cfg = IndexConfig.from_dict({"kind": "hnsw", "ef_search": 96, "hnsw_m": 24})
     assert (cfg.kind, cfg.ef_search, cfg.hnsw_m) == ("hnsw", 96, 24)
     assert IndexConfig.from_dict(cfg.to_dict()) == cfg
-    p.write_text("- not a mapping\n")
-    with pytest.raises(VectorIndexError, match="must be a mapping"):
-        IndexConfig.from_yaml(p)
+    # values as YAML or a command line give them (strings) become the numbers the fields declare
+    assert IndexConfig.from_dict({"nprobe": "16", "retrain_growth": "4"}) == IndexConfig(nprobe=16, retrain_growth=4.0)
 
 
 def test_l2_normalise():

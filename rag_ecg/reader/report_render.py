@@ -1,0 +1,155 @@
+"""A report for people: plain text for a terminal or chart note, a self-contained HTML page, or a file.
+
+HTML pages carry their images inside them (base64 PNG thumbnails) and escape every text, so a page can be
+mailed or archived on its own and no store text can inject markup.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+from PIL import Image
+
+from rag_ecg.errors import InputError
+from rag_ecg.io import atomic_write
+from rag_ecg.reader.report import Diagnosis, Report
+
+
+def _cites(ids: list[int]) -> str:
+    return f" [case{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}]" if ids else ""
+
+
+def _fmt_num(v: float | None, unit: str) -> str:
+    return "not estimated" if v is None else f"{v:g} {unit}"
+
+
+def _diag_name(d: Diagnosis) -> str:
+    tag = " / ".join(x for x in (d.superclass, d.code) if x)
+    return f"{d.label} ({tag})" if tag and tag != d.label else d.label
+
+
+def render_text(r: Report) -> str:
+    """Plain text for a terminal or a chart note."""
+    out = [f"ECG interpretation — backend {r.backend or '?'}, model {r.model or '-'}",
+           r.notice.upper(), ""]
+    if not r.parsed:
+        out += [f"The reader's answer could not be parsed ({r.parse_error}). Raw answer:", "",
+                r.raw_text or "", ""]
+    else:
+        out.append(f"Rhythm: {r.rhythm.text + _cites(r.rhythm.cited) if r.rhythm else 'not determined'}")
+        out.append(f"Rate: {_fmt_num(r.rate_bpm, 'bpm')}")
+        out.append(f"Axis: {r.axis or 'not estimated'}")
+        iv = r.intervals
+        out.append(f"Intervals: PR {_fmt_num(iv.pr_ms, 'ms')}; QRS {_fmt_num(iv.qrs_ms, 'ms')}; "
+                   f"QT {_fmt_num(iv.qt_ms, 'ms')}; QTc {_fmt_num(iv.qtc_ms, 'ms')}")
+        out.append("Findings:" + ("" if r.findings else " none stated"))
+        out += [f"  - {f.text}{_cites(f.cited)}" for f in r.findings]
+        out.append("Diagnoses:" + ("" if r.diagnoses else " none above threshold"))
+        out += [f"  - {_diag_name(d)}: confidence {d.confidence:.2f}{_cites(d.cited)}" for d in r.diagnoses]
+        out.append(f"Impression: {r.impression.text + _cites(r.impression.cited) if r.impression else '-'}")
+    if r.dropped_citations:
+        out += ["", "Removed by the citation check (cited cases that were not retrieved):"]
+        out += [f"  - {d.where}: {d.text!r} cited unknown case(s) {', '.join(map(str, d.unknown))}"
+                for d in r.dropped_citations]
+    ret = r.retrieval
+    out += ["", f"Retrieval: k={ret.k}, index {ret.index_name or '-'}, encoder {ret.encoder_hash or '-'}"]
+    out += [f"  case {c.case_id}: {c.source} {c.external_id}, similarity {c.score:.3f}" for c in ret.cases]
+    return "\n".join(out) + "\n"
+
+
+def thumbnail_data_url(image: str | Path | Image.Image, max_side: int = 480) -> str:
+    """A PNG thumbnail as a `data:` URL, so an HTML page carries its images inside it."""
+    img = image if isinstance(image, Image.Image) else Image.open(image)
+    img = img.convert("RGB")
+    img.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img_tag(image, alt: str, max_side: int) -> str:
+    try:
+        url = thumbnail_data_url(image, max_side)
+    except Exception as exc:  # a missing or unreadable file must not lose the whole report
+        return f'<p class="missing">image unavailable: {html.escape(str(alt))} ({html.escape(type(exc).__name__)})</p>'
+    return f'<img src="{url}" alt="{html.escape(alt, quote=True)}">'
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;color:#222}
+.notice{background:#fff3cd;border:1px solid #e0c36a;padding:.6em 1em;font-weight:600}
+.cites{color:#555;font-size:.9em}.dropped{background:#fde8e8;padding:.5em 1em}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+.cases{display:flex;flex-wrap:wrap;gap:1em}.cases figure{margin:0;max-width:260px}
+img{max-width:100%;border:1px solid #ccc}pre{white-space:pre-wrap;background:#f6f6f6;padding:1em}
+.missing{color:#a00}"""
+
+
+def render_html(report: Report, query_image=None, case_images: dict[int, str | Path] | None = None) -> str:
+    """A self-contained page: images as base64 thumbnails, every text escaped."""
+    e = html.escape
+    r = report
+
+    def cites(ids: list[int]) -> str:
+        return f' <span class="cites">{e(_cites(ids).strip())}</span>' if ids else ""
+
+    body = [f'<h1>ECG interpretation</h1><p class="notice">{e(r.notice)}</p>',
+            f"<p>Backend <b>{e(r.backend or '?')}</b>, model <b>{e(r.model or '-')}</b></p>"]
+    if query_image is not None:
+        body.append(f"<h2>Query ECG</h2>{_img_tag(query_image, 'query ECG', 900)}")
+    if not r.parsed:
+        body.append(f"<h2>Unparsed answer</h2><p>{e(r.parse_error or '')}</p><pre>{e(r.raw_text or '')}</pre>")
+    else:
+        iv = r.intervals
+        rows = [("Rhythm", (e(r.rhythm.text) + cites(r.rhythm.cited)) if r.rhythm else "not determined"),
+                ("Rate", e(_fmt_num(r.rate_bpm, "bpm"))), ("Axis", e(r.axis or "not estimated")),
+                ("Intervals", e(f"PR {_fmt_num(iv.pr_ms, 'ms')}; QRS {_fmt_num(iv.qrs_ms, 'ms')}; "
+                                f"QT {_fmt_num(iv.qt_ms, 'ms')}; QTc {_fmt_num(iv.qtc_ms, 'ms')}"))]
+        body.append("<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>")
+        body.append("<h2>Findings</h2><ul>" + "".join(f"<li>{e(f.text)}{cites(f.cited)}</li>" for f in r.findings)
+                    + "</ul>" + ("" if r.findings else "<p>none stated</p>"))
+        body.append("<h2>Diagnoses</h2><table><tr><th>Diagnosis</th><th>Confidence</th><th>Cited</th></tr>"
+                    + "".join(f"<tr><td>{e(_diag_name(d))}</td><td>{d.confidence:.2f}</td>"
+                              f"<td>{e(', '.join(map(str, d.cited)))}</td></tr>" for d in r.diagnoses)
+                    + "</table>")
+        if r.impression:
+            body.append(f"<h2>Impression</h2><p>{e(r.impression.text)}{cites(r.impression.cited)}</p>")
+    if r.dropped_citations:
+        body.append('<div class="dropped"><h2>Removed by the citation check</h2><ul>' + "".join(
+            f"<li>{e(d.where)}: {e(d.text)} — unknown case(s) {e(', '.join(map(str, d.unknown)))}</li>"
+            for d in r.dropped_citations) + "</ul></div>")
+    ret = r.retrieval
+    cited = set(r.cited_case_ids)
+    body.append(f"<h2>Retrieved cases</h2><p>k={ret.k}, index {e(ret.index_name or '-')}, "
+                f"encoder {e(ret.encoder_hash or '-')}</p><table><tr><th>Case</th><th>Source</th>"
+                "<th>Similarity</th><th>Cited</th></tr>" + "".join(
+                    f"<tr><td>{c.case_id}</td><td>{e(c.source)} {e(c.external_id)}</td><td>{c.score:.3f}</td>"
+                    f"<td>{'yes' if c.case_id in cited else ''}</td></tr>" for c in ret.cases) + "</table>")
+    paths = {c.case_id: c.image_path for c in ret.cases if c.image_path}
+    paths.update(case_images or {})
+    figs = [f"<figure>{_img_tag(paths[cid], f'case {cid}', 360)}<figcaption>case {cid}</figcaption></figure>"
+            for cid in r.cited_case_ids if cid in paths]
+    if figs:
+        body.append('<h2>Cited cases</h2><div class="cases">' + "".join(figs) + "</div>")
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>ECG interpretation</title>"
+            f"<style>{_CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+
+
+def render_report(report: Report, fmt: str, **kwargs) -> str:
+    """`fmt` is text | json | html (`kwargs` go to `render_html`: query_image, case_images)."""
+    if fmt == "text":
+        return render_text(report)
+    if fmt == "json":
+        return report.to_json()
+    if fmt == "html":
+        return render_html(report, **kwargs)
+    raise InputError(f"report format {fmt!r}: expected text, json or html")
+
+
+def save_report(report: Report, path: str | Path, fmt: str | None = None, **kwargs) -> Path:
+    """Write atomically; the format follows the suffix (.txt/.json/.html) unless given."""
+    path = Path(path)
+    fmt = fmt or {".json": "json", ".html": "html", ".htm": "html"}.get(path.suffix.lower(), "text")
+    atomic_write(path, render_report(report, fmt, **kwargs))
+    return path

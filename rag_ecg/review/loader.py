@@ -1,0 +1,196 @@
+"""Chart loading: open or draw each chart, letterbox it for the encoder, make its thumbnail, in worker processes.
+
+Why processes: decoding and drawing pages is CPU work that would otherwise stall the encoder; a bad or
+crashing chart must never stop the batch, so every failure becomes that chart's one-line error.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import io
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from rag_ecg.data.images import load_image
+from rag_ecg.data.records import read_wfdb
+from rag_ecg.data.store import Case, load_case_record
+from rag_ecg.paper.render import render_page
+from rag_ecg.review.config import ReviewError
+
+
+@dataclass
+class LoadTask:
+    """What a loader process needs for one chart (picklable)."""
+
+    item_id: int
+    key: str
+    path: str
+    kind: str
+    meta: dict
+    preprocess: Any  # rag_ecg.encoder.model.Preprocess (frozen dataclass)
+    preset: str
+    dpi: int
+    thumb_width: int
+    image_max_side: int  # 0: the backend needs no image
+
+
+@dataclass
+class Loaded:
+    """A loaded chart, or why it could not be loaded."""
+
+    item_id: int
+    key: str
+    pixels: np.ndarray | None = None  # (H, W, 3) uint8 letterboxed page for the encoder
+    thumb: bytes | None = None  # small JPEG of the chart for the HTML page
+    image: Any = None  # PIL page for text backends (longest side <= image_max_side), else None
+    patient_id: str | None = None  # query's own patient (store charts): excluded from its neighbours
+    error: str | None = None  # one line naming the chart and the problem
+    load_s: float = 0.0
+
+
+def one_line(key: str, exc: BaseException) -> str:
+    """An exception as one line that names the chart."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    name = Path(key).name
+    if name not in text and key not in text:
+        text = f"{key}: {text}"
+    return text if len(text) <= 300 else text[:299] + "…"
+
+
+def open_chart(kind: str, path: str, meta: dict, preset: str = "clean", dpi: int = 100,
+               key: str | None = None) -> Image.Image:
+    """A chart as a PIL RGB page: image files are read, WFDB records and store cases are drawn."""
+    if kind == "image":
+        return load_image(path)
+    if kind == "wfdb":
+        rec = read_wfdb(path, record_id=key or Path(path).name)
+    elif kind == "case":
+        case = Case(source=meta.get("source") or "wfdb", external_id=meta.get("external_id") or "",
+                    signal_path=path, patient_id=meta.get("patient_id"))
+        rec = load_case_record(case)
+    else:
+        raise ValueError(f"{path}: unknown chart kind {kind!r}")
+    # A seed per chart: a clean page is the same either way, but artifact presets should differ chart to chart.
+    seed = int(hashlib.sha256((key or path).encode()).hexdigest()[:8], 16) if preset != "clean" else 0
+    return render_page(rec, preset=preset, seed=seed, dpi=dpi)
+
+
+def jpeg_bytes(image: Image.Image, width: int, quality: int = 80) -> bytes:
+    """A small JPEG of a page, `width` px wide (never upscaled)."""
+    img = image.convert("RGB")
+    if img.width > width:
+        img = img.resize((width, max(1, round(img.height * width / img.width))), Image.Resampling.BOX,
+                         reducing_gap=None)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality, optimize=True)
+    return buf.getvalue()
+
+
+def load_chart(task: LoadTask) -> Loaded:
+    """Worker: open one chart, letterbox it for the encoder, make its thumbnail (never raises)."""
+    t0 = time.perf_counter()
+    out = Loaded(task.item_id, task.key, patient_id=task.meta.get("patient_id"))
+    try:
+        page = open_chart(task.kind, task.path, task.meta, task.preset, task.dpi, task.key)
+        out.pixels = task.preprocess.pixels(page)
+        out.thumb = jpeg_bytes(page, task.thumb_width)
+        if task.image_max_side:
+            img = page.copy()
+            img.thumbnail((task.image_max_side, task.image_max_side), Image.Resampling.LANCZOS)
+            out.image = img
+    except MemoryError:
+        out.error = f"{task.key}: too large to load (out of memory)"
+    except Exception as exc:  # a bad chart must never stop the batch: record why and go on
+        out.error = one_line(task.key, exc)
+    out.load_s = time.perf_counter() - t0
+    return out
+
+
+def _ping() -> int:
+    return os.getpid()
+
+
+def _loader_init(parent_pid: int) -> None:
+    """In each loader process: die with the parent (a kill -9 of the review must not leave orphans)."""
+    if sys.platform == "linux":
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+        if os.getppid() != parent_pid:  # the parent already died while this process started
+            os._exit(0)
+
+
+class Loader:
+    """Loads charts in worker processes (or in this process when workers <= 1), a few batches ahead."""
+
+    def __init__(self, workers: int, prefetch: int = 2):
+        self.workers = workers
+        self.prefetch = max(1, prefetch)
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _get_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # fork (Linux): instant, and callers need no `if __name__ == "__main__"` guard; the workers are
+            # forked before the encoder runs and never touch torch. Elsewhere: spawn.
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() and sys.platform == "linux"
+                                 else "spawn")
+            pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_loader_init,
+                                       initargs=(os.getpid(),))
+            try:
+                pool.submit(_ping).result(timeout=300)
+            except Exception as exc:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise ReviewError(f"cannot start {self.workers} chart loader processes ({type(exc).__name__}: "
+                                  f"{exc}); run with workers=1 to load in this process") from None
+            self._pool = pool
+        return self._pool
+
+    def batches(self, task_batches: Iterable[tuple[Any, list[LoadTask]]]) -> Iterator[tuple[Any, list[Loaded]]]:
+        """(tag, tasks) -> (tag, loaded) in order; the next batches load while the caller works on this one."""
+        if self.workers <= 1:
+            for tag, tasks in task_batches:
+                yield tag, [load_chart(t) for t in tasks]
+            return
+        window: deque[tuple[Any, list[LoadTask], list[Future]]] = deque()
+        for tag, tasks in task_batches:
+            window.append((tag, tasks, [self._get_pool().submit(load_chart, t) for t in tasks]))
+            if len(window) > self.prefetch:
+                yield self._resolve(*window.popleft())
+        while window:
+            yield self._resolve(*window.popleft())
+
+    def _resolve(self, tag: Any, tasks: list[LoadTask], futures: list[Future]) -> tuple[Any, list[Loaded]]:
+        out = []
+        for task, fut in zip(tasks, futures):
+            try:
+                out.append(fut.result())
+            except BrokenProcessPool:
+                out.append(self._retry_alone(task))
+        return tag, out
+
+    def _retry_alone(self, task: LoadTask) -> Loaded:
+        """A worker died (a decoder crash): on a fresh pool, try this chart once more on its own."""
+        self.close()
+        try:
+            return self._get_pool().submit(load_chart, task).result()
+        except BrokenProcessPool:
+            self.close()
+            return Loaded(task.item_id, task.key, error=f"{task.key}: crashed the chart loader process")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
