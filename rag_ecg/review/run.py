@@ -28,7 +28,7 @@ from rag_ecg.review.jobs import add_items, job_key, mark_done, open_job, reset_e
 from rag_ecg.review.local import ReviewProgress, run_local
 from rag_ecg.review.outputs import write_outputs
 from rag_ecg.review.pipeline import ChartPipeline, ChartResult, PipelineSpec
-from rag_ecg.search.retrieve import MANIFEST
+from rag_ecg.search.retrieve import MANIFEST, IndexNotReadyError
 
 
 @dataclass
@@ -82,7 +82,7 @@ def index_info(index_dir: Path) -> dict:
     """The index identity that changes results (path, encoder hash, build time) and its build dpi."""
     mpath = index_dir / MANIFEST
     if not mpath.exists():
-        raise ReviewError(f"{index_dir}: no finished index here (build it with `python cli.py build-index`)")
+        raise IndexNotReadyError(f"{index_dir}: no finished index here (build it with `python cli.py build-index`)")
     m = json.loads(mpath.read_text())
     return {"path": str(index_dir.resolve()), "encoder_hash": m.get("encoder_hash"), "built": m.get("built"),
             "count": m.get("count"), "dpi": int((m.get("build") or {}).get("dpi") or 100)}

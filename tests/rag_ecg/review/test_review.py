@@ -23,6 +23,7 @@ from rag_ecg.review.inputs import discover, parse_store_query
 from rag_ecg.review.jobs import job_key
 from rag_ecg.review.outputs import item_row
 from rag_ecg.review.run import review
+from rag_ecg.search.retrieve import IndexNotReadyError
 from tests.openai_server import OpenAITestServer
 from tests.rag_ecg.reader.test_report import GOOD_JSON, answer
 from tests.rag_ecg.review.conftest import (ALL_KEYS, BAD, BATCH, GOOD, GOOD_KEYS, comparable, copy_db, fresh_store,
@@ -272,7 +273,7 @@ def test_inputs_settings_and_job_keys_are_checked(review_env, tmp_path):
     assert job_key("dir:/x", cfg, {**index, "encoder_hash": "h2"}) != base  # a rebuilt index: a new job
     with pytest.raises(ConfigError, match="unknown ReviewConfig field\\(s\\) kk"):
         ReviewConfig.from_dict({"kk": 1})
-    with pytest.raises(ReviewError, match="no finished index here"):
+    with pytest.raises(IndexNotReadyError, match="no finished index here"):
         review(review_env["charts"], tmp_path / "o", store=f"sqlite:///{tmp_path / 'x.db'}",
                index_dir=tmp_path / "noindex", progress=False)
 
