@@ -2,8 +2,14 @@
 
 The result is one self-contained folder (`index/<name>/` by default): the encoder checkpoint it was built
 with, `images.faiss` and `texts.faiss` (each with its manifest), a small JPEG page per case for people to
-look at, and `manifest.json` with the vote calibration. `manifest.json` is written last, so its presence
-means "finished". An interrupted build resumes from its last saved chunk without re-embedding what is done.
+look at, `cases.json` ((source, external_id) of every indexed case id: what binds the folder to its case
+store, checked on open) and `manifest.json` with the vote calibration, written last.
+
+A build never touches the live index: it works in a staging folder beside it (`index/.<name>.build/`) and,
+once that is complete, swaps it in with one rename (`rag_ecg.io.replace_dir`), so a crash at any point leaves
+the old index or the new one, whole. An interrupted build resumes from its staging folder's last saved chunk;
+a rebuild with the same settings and encoder starts from the live index's vectors (hard links), so only new
+cases are embedded.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -32,16 +39,18 @@ from rag_ecg.encoder.preprocess import TracePreprocess
 from rag_ecg.encoder.text import case_text
 from rag_ecg.errors import ArtifactError, InputError
 from rag_ecg.eval.metrics import choose_thresholds, knn_scores, labels_to_matrix
-from rag_ecg.io import atomic_write_with, read_json, write_json
+from rag_ecg.io import atomic_write_with, read_json, replace_dir, write_json
 from rag_ecg.paper.render import render_page
 from rag_ecg.search.calibration import Calibration, fit_platt
 from rag_ecg.search.index_config import IndexConfig
-from rag_ecg.search.retrieve import MANIFEST
+from rag_ecg.search.index_files import IndexLoadError
+from rag_ecg.search.index_folder import MANIFEST, IndexStoreMismatchError, check_store, write_cases
 from rag_ecg.search.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 
 STATE = "build_state.json"
+KILL_AT = "RAG_ECG_BUILD_KILL_AT"  # crash tests: SIGKILL the build at this step (chunk | texts | staged | swapped)
 
 
 @dataclass
@@ -104,37 +113,36 @@ def _save_jpeg(img, path: Path, width: int) -> None:
 
 def build_index(store: Store, encoder_dir: str | Path, name: str = "default", out_dir: str | Path | None = None,
                 cfg: BuildConfig | None = None, progress: bool = True) -> Path:
-    """Build (or resume) the index `name`; returns its folder."""
+    """Build (or resume) the index `name` in its staging folder, then swap it in; returns its folder."""
     cfg = cfg or BuildConfig()
     out = Path(out_dir) if out_dir else paths.index_dir() / name
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out)
     encoder = ECGEncoder.load(encoder_dir)
-    state_path = out / STATE
+    work = _staging(out, store, cfg, encoder.checkpoint_hash)
+    state_path = work / STATE
     state = read_json(state_path) if state_path.exists() else {}
-    if state and (state.get("key") != cfg.key() or state.get("encoder_hash") != encoder.checkpoint_hash):
-        log.warning("%s: settings or encoder changed since the last build; starting over", out)
-        for f in ("images.faiss", "images.json", "texts.faiss", "texts.json", MANIFEST):
-            (out / f).unlink(missing_ok=True)
-        state = {}
-    (out / MANIFEST).unlink(missing_ok=True)  # not finished until written again
     if not state:
-        _copy_encoder(Path(encoder_dir), out / "encoder")
+        _copy_encoder(Path(encoder_dir), work / "encoder")
         state = {"key": cfg.key(), "encoder_hash": encoder.checkpoint_hash, "skipped": {}}
         write_json(state_path, state)
-    encoder = ECGEncoder.load(out / "encoder")
+    encoder = ECGEncoder.load(work / "encoder")
     if encoder.checkpoint_hash != state["encoder_hash"]:
-        raise ArtifactError(f"{out / 'encoder'}: encoder copy does not match the build state; delete {out}")
+        raise ArtifactError(f"{work / 'encoder'}: encoder copy does not match the build state; delete {work}")
 
     cases = select_cases(store, cfg)
     if not cases:
         raise InputError("no cases match the build settings (ingest data first, or change --split/--source)")
     icfg = IndexConfig.from_dict(cfg.index)
-    img_path = out / "images.faiss"
+    img_path = work / "images.faiss"
     images = (VectorIndex.load(img_path, expected_encoder_hash=encoder.checkpoint_hash) if img_path.exists()
               else VectorIndex(encoder.embed_dim, icfg, encoder_hash=encoder.checkpoint_hash))
+    extra = np.setdiff1d(images.ids, np.array([c.id for c in cases], np.int64))
+    if len(extra):  # e.g. a smaller --limit than the build it resumes
+        images.remove(extra)
+        images.save(img_path)
     skipped: dict = state.get("skipped", {})
     todo = [c for c in cases if c.id not in images and str(c.id) not in skipped]
-    page_dir = out / "pages" if cfg.page_width else None
+    page_dir = work / "pages" if cfg.page_width else None
     if page_dir:
         page_dir.mkdir(exist_ok=True)
     log.info("index %s: %d cases, %d already embedded", name, len(cases), len(cases) - len(todo))
@@ -148,6 +156,9 @@ def build_index(store: Store, encoder_dir: str | Path, name: str = "default", ou
             state["skipped"] = skipped
             write_json(state_path, state)
             bar.advance(task, len(chunk))
+            _step("chunk")
+        if not img_path.exists():
+            images.save(img_path)
 
         with store.session() as s:
             descriptions = scp_descriptions(s)
@@ -158,7 +169,8 @@ def build_index(store: Store, encoder_dir: str | Path, name: str = "default", ou
             emb = encoder.embed_texts([case_text(c.report, c.codes or {}, descriptions) for c in chunk])
             texts.add(np.array([c.id for c in chunk], np.int64), emb)
             bar.advance(ttask, len(chunk))
-        texts.save(out / "texts.faiss")
+        texts.save(work / "texts.faiss")
+        _step("texts")
 
     if isinstance(encoder.preprocess, TracePreprocess):  # the digitiser refuses pictures it cannot read traces from
         calibration = calibrate(images, done, cfg, floor=False)
@@ -166,13 +178,108 @@ def build_index(store: Store, encoder_dir: str | Path, name: str = "default", ou
         calibration = calibrate(images, done, cfg, _artifact_top_scores(images, done, cfg, encoder))
     manifest = {
         "name": name, "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "rag_ecg_version": __version__, "encoder_hash": encoder.checkpoint_hash,
-        "store": repr(store), "count": images.ntotal, "skipped": skipped, "build": asdict(cfg),
-        "calibration": asdict(calibration),
+        "generation": _generation(out) + 1, "rag_ecg_version": __version__,
+        "encoder_hash": encoder.checkpoint_hash, "store": repr(store), "count": images.ntotal,
+        "cases": write_cases(work, [(c.id, c.source, c.external_id) for c in done]),
+        "skipped": skipped, "build": asdict(cfg), "calibration": asdict(calibration),
     }
-    write_json(out / MANIFEST, manifest)
+    write_json(work / MANIFEST, manifest)  # the staged folder is complete
+    _step("staged")
+    old = replace_dir(work, out)  # one step: the old index or the new one, never neither
+    _step("swapped")
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     log.info("index %s: %d cases embedded, %d skipped -> %s", name, images.ntotal, len(skipped), out)
     return out
+
+
+def staging_dir(out: Path) -> Path:
+    """Where the build of index folder `out` works until it is complete (beside it: same filesystem)."""
+    return out.parent / f".{out.name}.build"
+
+
+def _check_out(out: Path) -> None:
+    """Refuse to replace a folder that is not an index: the finished build takes the whole folder's place."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: not a folder (choose another --out for the index)")
+    if out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in (MANIFEST, STATE, "images.faiss")):
+        raise InputError(f"{out}: not an index folder, and a build replaces the whole folder; choose another --out")
+
+
+def _generation(folder: Path) -> int:
+    """How many builds made the finished index in `folder` (0: none, or one from before builds were counted)."""
+    try:
+        return int(read_json(folder / MANIFEST).get("generation", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+def _staging(out: Path, store: Store, cfg: BuildConfig, encoder_hash: str) -> Path:
+    """The staging folder to build in: resumed when an earlier build of the same settings left one, seeded from
+    the live index (hard links) when that was built with the same settings, encoder and case store."""
+    work = staging_dir(out)
+    if (work / MANIFEST).exists():
+        if _generation(work) <= _generation(out) and (out / MANIFEST).exists():
+            log.info("%s: removing the index a finished build swapped out", work)
+            shutil.rmtree(work)
+        else:  # complete, but stopped before the swap: finish it (the store is read again)
+            log.info("%s: finishing a build stopped before it replaced %s", work, out)
+            (work / MANIFEST).unlink()
+    if work.exists():
+        state = _state(work)
+        if state.get("key") != cfg.key() or state.get("encoder_hash") != encoder_hash:
+            log.warning("%s: settings or encoder changed since the interrupted build; starting over", work)
+            shutil.rmtree(work)
+        elif (work / "images.faiss").exists():
+            try:
+                VectorIndex.load(work / "images.faiss", expected_encoder_hash=encoder_hash)
+            except IndexLoadError as e:  # killed between the FAISS file and its manifest
+                log.warning("%s; starting the build over", e)
+                shutil.rmtree(work)
+    if not work.exists() and _reusable(out, store, cfg, encoder_hash):
+        log.info("%s: starting from the vectors of the live index %s", work, out)
+        shutil.copytree(out, work, copy_function=_link)
+        (work / MANIFEST).unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def _state(folder: Path) -> dict:
+    try:
+        state = read_json(folder / STATE)
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _reusable(out: Path, store: Store, cfg: BuildConfig, encoder_hash: str) -> bool:
+    """Was the live index built with these settings and encoder, from this store's cases?"""
+    state = _state(out)
+    if not (out / MANIFEST).exists() or state.get("key") != cfg.key() or state.get("encoder_hash") != encoder_hash:
+        return False
+    try:
+        manifest = read_json(out / MANIFEST)
+        if not manifest.get("cases"):
+            return False
+        check_store(out, store, manifest)
+    except (OSError, ValueError, IndexStoreMismatchError) as e:
+        log.info("%s: not reused (%s)", out, e)
+        return False
+    return True
+
+
+def _link(src: str, dst: str) -> None:
+    """Hard link (files are only ever replaced by rename, never written in place), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        atomic_write_with(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def _step(name: str) -> None:
+    """Crash tests: `RAG_ECG_BUILD_KILL_AT=<name>` kills the build here with SIGKILL (nothing gets to clean up)."""
+    if os.environ.get(KILL_AT) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _embed_chunk(chunk: list[Case], cfg: BuildConfig, encoder: ECGEncoder, page_dir, skipped: dict):

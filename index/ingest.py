@@ -1,8 +1,9 @@
 """Ingest job: WFDB records (PTB-XL, LUDB, or any folder) -> validated cases in the case store.
 
-Idempotent (cases are keyed by source + external id: a re-run updates, never duplicates), one
-transaction per batch (a crash loses at most the batch in flight), and bad records are skipped with a
-one-line reason that is logged (warning), returned, and kept in the store (`ingest_skips`).
+Idempotent (cases are keyed by source + external id: a re-run never duplicates, and writes - and counts as
+updated - only the cases whose record or metadata changed), one transaction per batch (a crash loses at
+most the batch in flight), and bad records are skipped with a one-line reason that is logged (warning),
+returned, and kept in the store (`ingest_skips`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from sqlalchemy import select
 
 from rag_ecg.data.records import (ECGRecord, RecordError, find_wfdb_records, ptbxl_record, read_ludb,
                                   read_ptbxl_index, read_wfdb)
-from rag_ecg.data.store import Case, IngestRun, IngestSkip, Store, case_from_record, upsert_scp_statements
+from rag_ecg.data.store import (Case, IngestRun, IngestSkip, Store, case_changes, case_from_record,
+                                upsert_scp_statements)
 from rag_ecg.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -117,9 +119,11 @@ def _upsert(store: Store, source: str, records: list[tuple[str, ECGRecord]], err
                 s.add(Case(**values))
                 result.inserted += 1
             else:
-                for k, v in values.items():
-                    setattr(case, k, v)
-                result.updated += 1
+                changes = case_changes(case, values)  # an unchanged record is left alone: a re-run writes nothing
+                if changes:
+                    for k, v in changes.items():
+                        setattr(case, k, v)
+                    result.updated += 1
         for e in errors:
             s.add(IngestSkip(run_id=run_id, record=e.split(":", 1)[0], error=e))
     result.skipped.extend(errors)

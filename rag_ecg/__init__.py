@@ -9,6 +9,7 @@ Packages, in the order a picture flows through them (each `__init__` maps its mo
 - `review`   batch chart review (resumable SQL jobs, local and Ray engines, CSV/JSONL/HTML)
 - `eval`     metrics, encoder evaluation, whole-pipeline evaluation
 Shared plumbing: `errors` (one RagEcgError root), `io` (atomic writes, JSON, versions), `config` (YAML +
-overrides -> dataclass), `paths` (default locations). Importing the package pulls in no GPU or model code.
+overrides -> dataclass), `paths` (default locations), `redact` (secrets masked in
+written settings, URLs and messages). Importing the package pulls in no GPU or model code.
 """
 __version__ = "0.1.0"

@@ -6,6 +6,8 @@ usual umask permissions (mkstemp's 0600 would hide results from colleagues on a 
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import platform
@@ -106,17 +108,59 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's 0700 would hide the result from colleagues
-        if final.exists():
-            old = final.with_name(f".{final.name}.old.{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
+        old = replace_dir(tmp, final)
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(folder: str | Path, final: str | Path) -> Path | None:
+    """Put the finished `folder` in `final`'s place; returns where the old `final` now is (delete it), or None.
+
+    Where the OS can swap two folders in one step (Linux renameat2 RENAME_EXCHANGE) it does, so a reader, or a
+    crash, sees the old folder or the new one, never neither; the old one is then at `folder`. Elsewhere the
+    old one is first moved aside to `.<name>.old.<pid>` (a crash between the two renames leaves it there)."""
+    folder, final = Path(folder), Path(final)
+    fsync_dir(folder)
+    if not final.exists():
+        os.replace(folder, final)
+        fsync_dir(final.parent)
+        return None
+    if _exchange(folder, final):
+        fsync_dir(final.parent)
+        return folder
+    old = final.with_name(f".{final.name}.old.{os.getpid()}")
+    os.replace(final, old)
+    os.replace(folder, final)
+    fsync_dir(final.parent)
+    return old
+
+
+def _renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):  # not glibc >= 2.28 / not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+_RENAMEAT2 = _renameat2()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically; False where the OS or the filesystem cannot."""
+    if _RENAMEAT2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if _RENAMEAT2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def json_text(obj: Any, indent: int | None = 2, sort_keys: bool = False) -> str:

@@ -43,6 +43,7 @@ from rag_ecg.data.store import open_store, scp_descriptions
 from rag_ecg.errors import ConfigError
 from rag_ecg.io import atomic_write, versions
 from rag_ecg.reader.prompts import format_evidence
+from rag_ecg.redact import redact
 from training.instruction_cases import load_cases, render_pages
 from training.instruction_config import FAMILIES, InstructionConfig
 from training.instruction_evidence import (Retrieve, check_evidence, citation_sentence, encoder_retriever,
@@ -121,7 +122,7 @@ def build(cfg: InstructionConfig, retrieve: Retrieve | None = None) -> Path:
             atomic_write(path, data)
             files[f"{split}.jsonl"] = {"samples": len(rows), "sha256": hashlib.sha256(data).hexdigest()}
         manifest = {
-            "config": dataclasses.asdict(cfg), "files": files, "counts": counts,
+            "config": redact(dataclasses.asdict(cfg)), "files": files, "counts": counts,
             "unanswerable_by_family": unanswerable, "retriever": retriever_kind,
             "skipped_cases": {str(k): v for k, v in errors.items()},
             "images": len({c.image for c in ok}), "versions": versions(),

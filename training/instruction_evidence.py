@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from rag_ecg.data.images import load_image
 from rag_ecg.data.labels import SUPERCLASSES
 from rag_ecg.encoder.model import ECGEncoder
 from rag_ecg.errors import InputError
@@ -62,8 +62,7 @@ def encoder_retriever(encoder_dir: str | Path, cases: dict[int, CaseInfo], out_d
 
     def pages(cs):
         for c in cs:
-            with Image.open(out_dir / c.image) as im:
-                yield im.convert("RGB")
+            yield load_image(out_dir / c.image)
 
     log.info(f"embedding {len(lib)} train pages with {encoder_dir} for evidence retrieval")
     lib_emb = enc.embed_images(pages(lib), strict=False)  # (n_train, d), L2-normalised
@@ -95,8 +94,7 @@ def index_retriever(index_dir: str | Path, store, cases: dict[int, CaseInfo], ou
 
     def retrieve(case) -> Evidence:
         c = cases[case.id]
-        with Image.open(out_dir / c.image) as im:
-            page = im.convert("RGB")
+        page = load_image(out_dir / c.image)
         want = cfg.evidence_k * 4 + 16
         while True:
             ev = r.search_images([page], k=want, exclude_patients=[c.patient_id])[0]

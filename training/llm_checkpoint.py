@@ -1,5 +1,8 @@
 """Resumable fine-tune checkpoints (out_dir/checkpoints/step-N): adapter, optimizer, scheduler and every
-rank's RNG, so a killed run continues bit-for-bit; refused when made with another model, data or LoRA."""
+rank's RNG, so a killed run continues bit-for-bit; refused when made with another model, data or LoRA.
+
+Every file loads as plain data (`weights_only=True`: a crafted pickle is refused in one line, never run), and
+older checkpoints are deleted only after the new one is published and every file of it loads back."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from rag_ecg.errors import ConfigError
+from rag_ecg.errors import ArtifactError, ConfigError
 from rag_ecg.io import atomic_dir, read_json, write_json
 from training.common import Dist, gather_objects, rng_state, set_rng_state
 from training.finetune_config import FinetuneConfig
@@ -35,10 +38,37 @@ def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, cfg: Fine
             torch.save(st, tmp / f"rng-rank{r}.pt")
         write_json(tmp / "trainer_state.json", {"step": step, "world": dist.world,
                                                 "config": dataclasses.asdict(cfg), **extra})
+    verify_checkpoint(ck, dist.world)  # raises before anything older is touched
     kept = sorted((run / "checkpoints").glob("step-*"))
-    for old in kept[: max(0, len(kept) - max(1, cfg.save_total_limit))]:
+    older = [p for p in kept if p.name < ck.name]
+    for old in older[: max(0, len(older) + 1 - max(1, cfg.save_total_limit))]:
         shutil.rmtree(old, ignore_errors=True)
     return ck
+
+
+def verify_checkpoint(ck: Path, world: int) -> None:
+    """Load every file of a checkpoint back (on the CPU); ArtifactError naming the first that does not load."""
+    try:
+        read_json(ck / "trainer_state.json")
+        load_file(str(ck / "adapter_model.safetensors"), device="cpu")
+    except Exception as exc:
+        raise ArtifactError(f"{ck}: checkpoint does not load back ({_first_line(exc)})") from None
+    _load_plain(ck / "training_state.pt", "cpu")
+    for r in range(world):
+        _load_plain(ck / f"rng-rank{r}.pt", "cpu")
+
+
+def _load_plain(path: Path, device):
+    """Tensors and plain data only: anything else (a pickle that would run code) is refused in one line."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise ArtifactError(f"{path}: refused, not a plain-data checkpoint file ({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -60,10 +90,11 @@ def load_checkpoint(ck: Path, model, optimizer, scheduler, cfg: FinetuneConfig, 
         raise ConfigError(f"{ck}: made with different {', '.join(diff)}; use a new out_dir or resume: false")
     weights = load_file(str(ck / "adapter_model.safetensors"), device=str(dist.device))
     set_peft_model_state_dict(unwrap(model), weights)
-    ts = torch.load(ck / "training_state.pt", map_location=dist.device, weights_only=True)
+    ts = _load_plain(ck / "training_state.pt", dist.device)
+    rng = ck / f"rng-rank{dist.rank}.pt"
+    rng_saved = _load_plain(rng, "cpu") if rng.is_file() else None  # plain data + uint8 tensors only
     optimizer.load_state_dict(ts["optimizer"])
     scheduler.load_state_dict(ts["scheduler"])
-    rng = ck / f"rng-rank{dist.rank}.pt"
-    if rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=True))  # plain data + uint8 tensors only
+    if rng_saved is not None:
+        set_rng_state(rng_saved)
     return state

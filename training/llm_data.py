@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
+from rag_ecg.data.images import load_image as load_picture
 from rag_ecg.errors import ConfigError, InputError
 from training.common import Dist
 from training.finetune_config import FinetuneConfig
@@ -164,8 +164,7 @@ class ConversationDataset:
         p = p if p.is_absolute() else self.image_root / p
         if not p.is_file():
             raise FileNotFoundError(f"{p}: image not found")
-        with Image.open(p) as im:
-            return im.convert("RGB")
+        return load_picture(p)
 
     def example(self, i: int) -> Example | tuple[str, str]:
         """The tokenized sample, or (sample id, reason) when it cannot be used."""

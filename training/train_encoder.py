@@ -50,6 +50,7 @@ from rag_ecg.data.labels import SUPERCLASSES
 from rag_ecg.encoder.configs import resolve_device
 from rag_ecg.encoder.model import ECGEncoder
 from rag_ecg.errors import ConfigError
+from rag_ecg.redact import redact
 from rag_ecg.eval.encoder_eval import evaluate_encoder, flat_metrics
 from rag_ecg.eval.metrics import knn_scores, macro_auc, recall_at_k
 from training.common import (Dist, MetricsLog, barrier, broadcast_int, save_config, setup_distributed,
@@ -326,7 +327,7 @@ def finalize(r: EncoderRun) -> Path:
             r.metrics.write({"final": result})
             log.info(summarize(result))
         r.encoder.save(out, training_data_hash=r.data_hash, metrics=metrics,
-                       training={"config": dataclasses.asdict(cfg), "steps": r.step, "epochs_done": r.epochs_done,
+                       training={"config": redact(dataclasses.asdict(cfg)), "steps": r.step, "epochs_done": r.epochs_done,
                                  "train_minutes": round(minutes, 2),
                                  "stopped": r.stopped or "completed", "world_size": dist.world,
                                  "precision": r.precision, "device": r.dev})

@@ -1,10 +1,15 @@
-"""Loading the ECG images users bring (PNG/JPEG/BMP/TIFF first frame, a PDF's first page) as RGB; saving ours.
+"""Loading the ECG pictures users bring (PNG/JPEG/BMP/TIFF/WebP, a GIF's or TIFF's first frame, a PDF's first
+page) as RGB; saving ours. Every picture the project reads goes through `load_image` / `decode_image`.
 
 Why a module: user files are the untrusted edge of the system. Everything that is not a usable picture
-(empty, truncated, corrupt, not an image, a decompression bomb) becomes one `ImageLoadError` line naming the
-file and the problem, before any model sees it; camera EXIF orientation is applied so a phone photo is
-upright; grey, palette, 16-bit, CMYK and transparent images are normalised to plain 8-bit RGB (transparent
-areas on white paper).
+(empty, truncated, corrupt, not an image, a format we do not read, a decompression bomb, a shape no ECG page
+has) becomes one `ImageLoadError` line naming the file and the problem, before any model sees it; camera EXIF
+orientation is applied so a phone photo is upright; grey, palette, 16-bit, CMYK and transparent images are
+normalised to plain 8-bit RGB (transparent areas on white paper).
+
+Only the decoders in ALLOWED_FORMATS are ever asked to open a file (Pillow's `formats=`): content is
+identified by its bytes, not its name, and without the restriction PostScript named `chart.png` would be
+handed to Ghostscript (Pillow's EPS plugin), a whole interpreter exposed to user files.
 
 PDF pages are rendered with pypdfium2 (PDFium, the engine of Chrome's viewer): Apache-2.0/BSD licensed,
 manylinux/macOS/Windows wheels that carry PDFium itself (no system packages, no Poppler/Ghostscript),
@@ -12,8 +17,10 @@ actively maintained, and it renders a page at any chosen dpi.
 """
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -22,8 +29,11 @@ from rag_ecg.errors import InputError
 from rag_ecg.io import atomic_write_with
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: a 600 dpi A4 scan (35 Mpx) passes, a bomb does not
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pdf")
-_EXPECTED = "expected PNG, JPEG, BMP, TIFF or PDF"
+MIN_SIDE = 32  # pixels: anything smaller is an icon, not a readable ECG page
+MAX_ASPECT = 20.0  # longest side / shortest side: a long rhythm strip is ~10:1; a 100x640,000 sliver is not a page
+ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF")  # Pillow decoders (JPEG also opens MPO)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pdf")
+_EXPECTED = "expected PNG, JPEG, BMP, TIFF, WebP, GIF or PDF"
 
 
 class ImageLoadError(InputError):
@@ -33,7 +43,8 @@ class ImageLoadError(InputError):
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, pdf_dpi: int = 200) -> Image.Image:
     """Open an image file (or a PDF's first page at `pdf_dpi`) as an upright 8-bit RGB PIL image.
 
-    Raises ImageLoadError for missing, empty, corrupt, truncated, non-image and over-`max_pixels` files.
+    Raises ImageLoadError for missing, empty, corrupt, truncated, non-image, not-allowed-format,
+    over-`max_pixels` and implausibly shaped (tiny, sliver) files.
     """
     path = Path(path)
     name = path.name or str(path)
@@ -54,23 +65,48 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, pdf_dpi: 
     return _load_raster(path, name, head, max_pixels)
 
 
-def _load_raster(path: Path, name: str, head: bytes, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Picture bytes held in memory (a `data:` URL, a worker's PNG) -> upright RGB, by the same rules as
+    `load_image` (no PDF); `name` is what the error line calls it."""
+    if not data:
+        raise ImageLoadError(f"{name}: empty picture")
+    return _load_raster(io.BytesIO(data), name, bytes(data[:1024]), max_pixels)
+
+
+def check_shape(name: str, w: int, h: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Refuse sizes no ECG page has, before anything is decoded: no pixels, over `max_pixels` (a
+    decompression bomb), under MIN_SIDE a side, or longer than MAX_ASPECT:1 (a sliver that later stages
+    would scale up to gigabytes)."""
+    if w <= 0 or h <= 0:
+        raise ImageLoadError(f"{name}: image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageLoadError(f"{name}: image too large ({w}x{h} = {w * h:,} pixels; limit {max_pixels:,})")
+    if min(w, h) < MIN_SIDE:
+        raise ImageLoadError(f"{name}: {w}x{h} is too small for an ECG page (at least {MIN_SIDE} pixels a side)")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageLoadError(f"{name}: {w}x{h} is not the shape of an ECG page (aspect ratio "
+                             f"{max(w, h) / min(w, h):,.0f}:1; at most {MAX_ASPECT:.0f}:1)")
+
+
+def _load_raster(src: Path | BinaryIO, name: str, head: bytes, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
-            im = Image.open(path)
+            im = Image.open(src, formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError:
         raise ImageLoadError(f"{name}: image too large (decompression bomb?); limit {max_pixels:,} pixels") from None
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{name}: not an image ({_guess_kind(path, head)}; {_EXPECTED})") from None
+        found = _sniff(head)
+        if found:
+            raise ImageLoadError(f"{name}: {found} is not an allowed picture format ({_EXPECTED})") from None
+        raise ImageLoadError(f"{name}: not an image ({_guess_kind(Path(name), head)}; {_EXPECTED})") from None
     except OSError as exc:
         raise ImageLoadError(f"{name}: unreadable image ({_short(exc)})") from None
     with im:
         w, h = im.size
-        if w <= 0 or h <= 0:
-            raise ImageLoadError(f"{name}: image has no pixels ({w}x{h})")
         if w * h > max_pixels:
             raise ImageLoadError(f"{name}: image too large ({w}x{h} = {w * h:,} pixels; limit {max_pixels:,})")
+        check_shape(name, w, h, max_pixels)
         try:
             im.seek(0)  # multi-page TIFF / animated files: the first frame
             with warnings.catch_warnings():
@@ -99,6 +135,7 @@ def _load_pdf(path: Path, name: str, max_pixels: int, dpi: int) -> Image.Image:
             if w * h > max_pixels:
                 raise ImageLoadError(f"{name}: PDF page at {dpi} dpi is {w}x{h} = {w * h:,} pixels "
                                      f"(limit {max_pixels:,}); use a lower pdf_dpi")
+            check_shape(name, w, h, max_pixels)
             bitmap = page.render(scale=dpi / 72, fill_color=(255, 255, 255, 255))
             try:
                 return to_rgb(bitmap.to_pil())
@@ -140,6 +177,28 @@ def save_image(image: Image.Image, path: str | Path, **save_kwargs) -> Path:
     if fmt is None:
         raise InputError(f"{path}: unknown image suffix (use .png, .jpg, .bmp, .tif or .webp)")
     return atomic_write_with(path, lambda tmp: image.save(tmp, format=fmt, **save_kwargs))
+
+
+_SIGNATURES = (  # (offset, magic bytes, what it is): formats people have that we do not read
+    (0, b"%!PS", "PostScript/EPS"), (0, b"\xc5\xd0\xd3\xc6", "PostScript/EPS"), (0, b"8BPS", "Photoshop PSD"),
+    (4, b"ftypheic", "HEIC"), (4, b"ftypheix", "HEIC"), (4, b"ftypmif1", "HEIF"), (4, b"ftypmsf1", "HEIF"),
+    (4, b"ftypavif", "AVIF"), (0, b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (0, b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (0, b"\x00\x00\x01\x00", "Windows icon (ICO)"), (0, b"icns", "Mac icon (ICNS)"), (0, b"gimp xcf", "GIMP XCF"),
+    (0, b"/* XPM */", "XPM"), (0, b"DDS ", "DirectDraw DDS"), (0, b"qoif", "QOI"), (128, b"DICM", "DICOM"),
+    (0, b"\x76\x2f\x31\x01", "OpenEXR"), (0, b"SIMPLE  =", "FITS"), (0, b"\x59\xa6\x6a\x95", "Sun raster"),
+)
+
+
+def _sniff(head: bytes) -> str | None:
+    """The picture/document format the first bytes show, when it is one we refuse to decode."""
+    for offset, magic, what in _SIGNATURES:
+        if head[offset:offset + len(magic)] == magic:
+            return what
+    if len(head) > 2 and head[:1] == b"P" and head[1:2] in b"1234567" and head[2:3] in b" \t\r\n":
+        return "Netpbm (PBM/PGM/PPM)"
+    if b"<svg" in head[:1024].lower() and head.lstrip()[:1] == b"<":
+        return "SVG"
+    return None
 
 
 def _guess_kind(path: Path, head: bytes) -> str:

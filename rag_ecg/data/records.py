@@ -3,6 +3,10 @@
 Every record that enters rag-ecg passes through `validate`, so downstream code (renderer, encoder,
 store) can rely on: 12 standard leads in standard order, float32 (samples, leads), finite values,
 a plausible sampling rate and duration, and an explicit unit with its factor to millivolts.
+
+Reading is bounded by the header, checked before any signal is read: at most `MAX_SECONDS` of a longer
+(Holter) record are read, at most `MAX_SIGNALS` channels and `MAX_HEADER_BYTES` of header are accepted,
+and a header may only name signal files inside its own folder (no absolute path, no `..`).
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ MV_PER_UNIT: dict[str, float] = {"mV": 1.0, "uV": 1e-3, "V": 1e3, "NU": 0.1}
 MIN_FS, MAX_FS = 50.0, 20000.0
 MIN_SECONDS = 2.5  # one column of a 3x4 print; shorter cannot make a standard page
 FLAT_PTP_MV = 0.01  # a lead whose whole trace spans less than 10 µV carries no ECG
+MAX_SECONDS = 60.0  # a longer record (a 24-h Holter) is read up to here only: pages and windows use 10 s
+MAX_SIGNALS = 64  # channels a header may declare (12 leads plus any extra channels)
+MAX_HEADER_BYTES = 1 << 20  # a .hea is a few hundred bytes of text
 
 _LEAD_ALIASES = {name.lower(): name for name in STANDARD_LEADS}
 _LEAD_ALIASES.update({"d1": "I", "d2": "II", "d3": "III", "lead i": "I", "lead ii": "II",
@@ -125,32 +132,78 @@ def read_wfdb(path: str | Path, record_id: str | None = None, source: str = "wfd
     path = Path(path)
     base = path.with_suffix("") if path.suffix in {".hea", ".dat"} else path
     rid = record_id or base.name
-    if not base.with_suffix(".hea").exists():
+    hea = base.with_suffix(".hea")
+    if not hea.exists():
         raise RecordError(f"{rid}: no WFDB header at {base}.hea")
-    try:
-        header = wfdb.rdheader(str(base))
-    except Exception as exc:  # wfdb raises many types for broken headers
-        raise RecordError(f"{rid}: unreadable WFDB header ({_short(exc)})") from None
-    expected = header.sig_len
+    _check_header_text(hea, rid)
+    header = _read_header(base, rid)
+    _check_header(header, base, rid)
     _check_signal_files(header, base, rid)
+    total = int(header.sig_len or 0)
+    sampto = int(MAX_SECONDS * float(header.fs))
+    sampto = sampto if 0 < sampto < total else None  # read only the first MAX_SECONDS of a longer record
     try:
-        rec = wfdb.rdrecord(str(base))
+        rec = wfdb.rdrecord(str(base), sampto=sampto)
     except FileNotFoundError as exc:
         raise RecordError(f"{rid}: signal file missing ({Path(exc.filename or '').name or exc})") from None
     except Exception as exc:
         raise RecordError(f"{rid}: unreadable WFDB signal ({_short(exc)})") from None
     if rec.p_signal is None:
         raise RecordError(f"{rid}: record has no signal")
+    expected = sampto or total
     if expected and rec.p_signal.shape[0] != expected:
         raise RecordError(f"{rid}: header says {expected} samples but the signal file holds "
                           f"{rec.p_signal.shape[0]} (truncated .dat?)")
     units = {normalize_units(u, rid) for u in (rec.units or ["mV"])}
     if len(units) != 1:
         raise RecordError(f"{rid}: mixed signal units {sorted(units)}")
+    extra: dict = {"comments": list(rec.comments or [])}
+    if sampto:
+        extra["seconds_in_file"] = round(total / float(rec.fs), 3)  # the record was read up to MAX_SECONDS
     return validate(ECGRecord(
-        record_id=rid, signal=rec.p_signal, fs=float(rec.fs), leads=list(rec.sig_name),
-        units=units.pop(), source=source, path=str(base), extra={"comments": list(rec.comments or [])},
+        record_id=rid, signal=rec.p_signal[: int(MAX_SECONDS * float(rec.fs)) or None], fs=float(rec.fs),
+        leads=list(rec.sig_name), units=units.pop(), source=source, path=str(base), extra=extra,
     ))
+
+
+def _read_header(base: Path, rid: str, what: str = "WFDB header"):
+    try:
+        return wfdb.rdheader(str(base))
+    except Exception as exc:  # wfdb raises many types for broken headers
+        raise RecordError(f"{rid}: unreadable {what} ({_short(exc)})") from None
+
+
+def _check_header(header, base: Path, rid: str) -> None:
+    """Refuse, before any signal is read, what the header says that we will not read."""
+    fs = float(header.fs or 0)
+    if not np.isfinite(fs) or not (MIN_FS <= fs <= MAX_FS):
+        raise RecordError(f"{rid}: sampling rate {fs:g} Hz is outside {MIN_FS:g}-{MAX_FS:g} Hz")
+    if int(header.n_sig or 0) > MAX_SIGNALS:
+        raise RecordError(f"{rid}: header declares {header.n_sig} signals (at most {MAX_SIGNALS})")
+    for seg in getattr(header, "seg_name", None) or []:  # a multi-segment record: each segment's header too
+        if seg != "~":
+            _check_header_text(base.parent / f"{seg}.hea", rid)
+            seg_header = _read_header(base.parent / seg, rid, f"segment header {seg}")
+            if getattr(seg_header, "seg_name", None):
+                raise RecordError(f"{rid}: segment {seg} is itself a multi-segment record")
+            _check_header(seg_header, base, rid)
+
+
+def _check_header_text(hea: Path, rid: str) -> None:
+    """Size, then every file a header names (first field of each signal/segment line), before wfdb parses it:
+    a header may only name files in its own folder, never an absolute path or one that climbs out."""
+    if not hea.exists():
+        raise RecordError(f"{rid}: no WFDB header at {hea}")
+    size = hea.stat().st_size
+    if size > MAX_HEADER_BYTES:
+        raise RecordError(f"{rid}: {hea.name} is {size} bytes, not a WFDB header (at most {MAX_HEADER_BYTES})")
+    lines = [ln for ln in hea.read_text(encoding="latin-1").splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    for line in lines[1:]:
+        name = line.split()[0]
+        parts = re.split(r"[/\\]", name)
+        if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+            raise RecordError(f"{rid}: {hea.name} names a signal file outside its folder ({name!r})")
 
 
 # Bytes per sample of the common WFDB storage formats (for the truncation check before reading).
@@ -161,7 +214,7 @@ _FMT_BYTES = {"8": 1, "16": 2, "61": 2, "80": 1, "160": 2, "212": 1.5, "24": 3, 
 def _check_signal_files(header, base: Path, rid: str) -> None:
     """Say 'truncated' or 'missing' plainly, instead of wfdb's 'Samples were not loaded correctly'."""
     per_file: dict[str, list[str]] = {}
-    for fname, fmt in zip(header.file_name or [], header.fmt or []):
+    for fname, fmt in zip(getattr(header, "file_name", None) or [], getattr(header, "fmt", None) or []):
         per_file.setdefault(fname, []).append(str(fmt))
     for fname, fmts in per_file.items():
         f = base.parent / fname

@@ -6,6 +6,8 @@ and the original data stays the single source of truth. Later layers add their o
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import replace
@@ -23,6 +25,7 @@ from rag_ecg import paths
 from rag_ecg.data.labels import ScpStatement
 from rag_ecg.data.records import ECGRecord, read_ludb, read_wfdb
 from rag_ecg.errors import BackendError, InputError
+from rag_ecg.redact import mask_url
 
 
 class Base(DeclarativeBase):
@@ -171,7 +174,12 @@ class Store:
         self.engine.dispose()
 
     def __repr__(self) -> str:
-        return f"Store({make_url(self.url).render_as_string(hide_password=True)})"
+        return f"Store({self.safe_url})"
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with its password hidden: what may be printed, logged or written."""
+        return mask_url(self.url)
 
 
 def _make_engine(url: str, echo: bool) -> Engine:
@@ -207,11 +215,11 @@ def open_store(url: str | None = None, echo: bool = False) -> Store:
 
 
 def _open_error(url: str, exc: Exception) -> InputError | BackendError:
+    shown = mask_url(url)
     try:
-        u = make_url(url)
-        shown, local = u.render_as_string(hide_password=True), u.get_backend_name() == "sqlite"
+        local = make_url(url).get_backend_name() == "sqlite"
     except ArgumentError:
-        shown, local = url, False
+        local = False
     first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     message = f"{shown}: cannot open case store ({first})"
     if local or isinstance(exc, (ArgumentError, ImportError)):
@@ -266,6 +274,41 @@ def case_from_record(rec: ECGRecord, external_id: str) -> dict:
         n_samples=int(rec.signal.shape[0]), units=rec.units,
         extra={k: v for k, v in rec.extra.items() if k != "comments"},
     )
+
+
+def case_changes(case: Case, values: dict) -> dict:
+    """The part of `values` (from `case_from_record`) that differs from what `case` holds.
+
+    Compared as the store keeps them, so an unchanged record yields {} and a re-ingest writes nothing:
+    floats by value (500 == 500.0), JSON columns as plain JSON (tuples, numpy scalars, key order do not
+    count), file paths by the file they name.
+    """
+    columns = Case.__table__.columns
+    return {k: v for k, v in values.items() if not _same_value(columns[k].type, k, getattr(case, k), v)}
+
+
+_PATH_COLUMNS = {"signal_path", "image_path"}
+
+
+def _same_value(kind, key: str, old, new) -> bool:
+    if old is None or new is None:
+        return old is None and new is None
+    if isinstance(kind, Float):
+        a, b = float(old), float(new)
+        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
+    if isinstance(kind, JSON):
+        return _plain_json(old) == _plain_json(new)
+    if key in _PATH_COLUMNS:
+        return str(old) == str(new) or Path(str(old)).resolve() == Path(str(new)).resolve()
+    if isinstance(kind, Integer):
+        return int(old) == int(new)
+    return old == new
+
+
+def _plain_json(value):
+    """`value` as the JSON column will read it back (lists for tuples, floats for numpy scalars)."""
+    text = json.dumps(value, sort_keys=True, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    return json.loads(text)
 
 
 def split_for_fold(fold: int | None) -> str | None:

@@ -4,7 +4,9 @@ This measures what a user gets (load -> encode -> retrieve -> reader -> report),
 each preset is a resumable review job over the same charts, and the reports it stored are scored against
 the records' own labels, ECGBench-style (PTB-XL superclasses: macro AUC from scores; macro AUC, F1 and
 Hamming loss from the report's binarised statements), plus report label F1 (SCP statements asserted vs
-the record's) and citation validity (share of cited case ids that were retrieved).
+the record's) and citation validity: the share of the case ids the reader cited that were retrieved, counted
+before the citation check dropped the statements citing unknown cases (and how many it dropped). An answer
+that held no report (review status `unparsed`) is scored as a report that asserts nothing.
 
 `--data` is any folder laid out like PTB-XL (`ptbxl_database.csv`), like LUDB (WFDB records whose header
 comments hold the diagnoses, mapped to superclasses by `records.ludb_superclasses`), or a CSV of labelled
@@ -29,6 +31,7 @@ from rag_ecg.data.store import ScpStatementRow
 from rag_ecg.errors import InputError
 from rag_ecg.eval.metrics import hamming_loss, labels_to_matrix, macro_auc, macro_f1, per_class_f1
 from rag_ecg.io import atomic_open, atomic_write
+from rag_ecg.redact import redact
 from rag_ecg.review.outputs import iter_rows
 from rag_ecg.review.run import index_info, resolve_index_dir, review
 
@@ -205,9 +208,11 @@ def sample_f1(truth: Sequence[set], pred: Sequence[set]) -> float:
 
 
 def cited_ids(report: dict) -> list[int]:
+    """Every case id the reader cited, before the citation check: the kept statements' and the dropped ones'."""
     parts = [report.get("rhythm"), report.get("impression")] + list(report.get("findings") or []) \
         + list(report.get("diagnoses") or [])
-    return [int(c) for p in parts for c in (p or {}).get("cited") or []]
+    kept = [int(c) for p in parts for c in (p or {}).get("cited") or []]
+    return kept + [int(c) for d in report.get("dropped_citations") or [] for c in d.get("cited") or []]
 
 
 def score_reports(reports: Sequence[dict], truth: Sequence[LabelledChart],
@@ -215,7 +220,7 @@ def score_reports(reports: Sequence[dict], truth: Sequence[LabelledChart],
     """ECGBench-style metrics of stored reports against their charts' labels (all in [0, 1])."""
     y = labels_to_matrix([c.labels for c in truth])
     scores, preds, asserted = [], [], []
-    cited_total = cited_ok = 0
+    cited_total = cited_ok = dropped = 0
     for rep in reports:
         sup = report_superclasses(rep, code_superclass)
         conf = {d.get("superclass"): float(d.get("confidence") or 0.0) for d in rep.get("diagnoses") or []
@@ -228,14 +233,17 @@ def score_reports(reports: Sequence[dict], truth: Sequence[LabelledChart],
         ids = cited_ids(rep)
         cited_total += len(ids)
         cited_ok += sum(i in retrieved for i in ids)
+        dropped += len(rep.get("dropped_citations") or [])
     s, p = np.array(scores, dtype=np.float64), np.array(preds, dtype=np.uint8)
     out = {
         "charts": len(truth),
         "macro_auc_scores": macro_auc(y, s), "macro_auc_binary": macro_auc(y, p),
         "macro_f1": macro_f1(y, p), "hamming_loss": hamming_loss(y, p),
         "superclass_report_f1": sample_f1([set(c.labels) for c in truth], asserted),
-        "citations": cited_total,
+        "citations": cited_total,  # case ids cited, before the check dropped any
         "citations_valid": cited_ok / cited_total if cited_total else 1.0,
+        "citations_unknown": cited_total - cited_ok,  # cited ids the retrieval did not return
+        "statements_dropped": dropped,  # statements the citation check removed for citing them
         "per_class_f1": dict(zip(SUPERCLASSES, map(float, per_class_f1(y, p)), strict=True)),
         "prevalence": dict(zip(SUPERCLASSES, map(float, y.mean(0)), strict=True)),
     }
@@ -288,24 +296,26 @@ def run_eval(labelled: LabelledSet, out_dir: str | Path, store, index_dir: str |
     code_sup = _code_superclasses(store)
     result = {"set": labelled.name, "kind": labelled.kind, "charts": len(labelled.charts),
               "skipped": labelled.skipped, "index": str(idx), "encoder_hash": info.get("encoder_hash"),
-              "config": asdict(cfg), "presets": {}}
+              "config": redact(asdict(cfg)), "presets": {}}  # eval.json is shared: no secrets
     for preset in presets:
         logger.info("%s: reviewing %d charts drawn '%s'", labelled.name, len(labelled.charts), preset)
         summary = review(chart_csv, out / preset, store=store, index_dir=idx, backend=cfg.backend, k=cfg.k,
                          workers=cfg.workers, progress=progress, backend_options=cfg.backend_options,
                          preset="clean" if preset == AS_IS else preset, device=cfg.device)
-        reports, truth, errors = [], [], []
+        reports, truth, errors, unparsed = [], [], [], 0
         for row in iter_rows(store, summary.job_id):
             chart = by_path.get(row["chart"])
             if chart is None:
                 continue
-            if row["status"] == "done" and row["report"]:
-                reports.append(row["report"])
+            if row["status"] in ("done", "unparsed") and row["report"]:
+                reports.append(row["report"])  # an unparsed answer asserts nothing: scored, not left out
                 truth.append(chart)
+                unparsed += row["status"] == "unparsed"
             elif row["status"] == "error":
                 errors.append(row["error"])
         metrics = score_reports(reports, truth, code_sup) if reports else {"charts": 0}
-        metrics.update({"errors": len(errors), "error_examples": errors[:5], "pending": summary.pending,
+        metrics.update({"errors": len(errors), "error_examples": errors[:5], "unparsed": unparsed,
+                        "pending": summary.pending,
                         "review_html": summary.outputs.get("html"),
                         "charts_per_s": summary.charts_per_s})
         result["presets"][preset] = metrics
@@ -323,7 +333,9 @@ def table_rows(result: dict) -> list[list[str]]:
     """One row per preset: preset, charts, then TABLE_COLUMNS (— where a metric does not apply)."""
     rows = []
     for preset, m in result["presets"].items():
-        cells = [preset, f"{m.get('charts', 0)}" + (f" ({m['errors']} err)" if m.get("errors") else "")]
+        notes = [f"{m[k]} {name}" for k, name in (("errors", "err"), ("unparsed", "unparsed"),
+                                                  ("statements_dropped", "dropped")) if m.get(k)]
+        cells = [preset, f"{m.get('charts', 0)}" + (f" ({', '.join(notes)})" if notes else "")]
         for key, _ in TABLE_COLUMNS:
             v = m.get(key)
             cells.append("—" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}")

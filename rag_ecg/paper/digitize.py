@@ -38,6 +38,7 @@ T_SECONDS = 10.0  # the canonical page: 10 s (one full row at 25 mm/s)
 FS = 100.0  # canonical sampling rate, Hz
 N_SAMPLES = int(T_SECONDS * FS)
 WORK_WIDTH = 1600  # working resolution: page width in pixels (~5.4 px/mm on A4)
+MAX_WORK_HEIGHT = 4 * WORK_WIDTH  # pages taller than 4:1 are refused: the working page stays <= 1600x6400
 INK_ON = 110  # ink strength (0-255) that counts as a pen stroke
 MIN_CONTINUITY = 0.6  # share of columns where a row's line must continue from the previous column
 MAX_INK_DENSITY = 0.15  # share of a page's trace area that may be ink (pen lines: ~2-6 %)
@@ -171,7 +172,12 @@ def normalize(signal: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _resize(page: np.ndarray) -> np.ndarray:
+    """The page at WORK_WIDTH columns; refused (before any copy) when that would be over MAX_WORK_HEIGHT rows,
+    so no input makes the digitiser hold more than a 1600x6400 working page (a 100x640,000 sliver: 49 GB)."""
     h, w = page.shape[:2]
+    if w < 1 or h * WORK_WIDTH > MAX_WORK_HEIGHT * w:
+        raise DigitizeError(f"page is {w}x{h} pixels, taller than {MAX_WORK_HEIGHT // WORK_WIDTH}:1: "
+                            "not an ECG page the digitiser can read")
     if w == WORK_WIDTH:
         return page
     scale = WORK_WIDTH / w

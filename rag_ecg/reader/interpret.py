@@ -8,8 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from rag_ecg.data.images import load_image, to_rgb
 from rag_ecg.errors import InputError
 from rag_ecg.io import atomic_write
 from rag_ecg.reader.backends import get_backend
@@ -24,15 +25,10 @@ if TYPE_CHECKING:
 
 
 def _load_image(image: Image.Image | str | Path | None) -> Image.Image | None:
-    if image is None or not isinstance(image, (str, Path)):
-        return image
-    try:
-        with Image.open(image) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise InputError(f"{image}: no such image file") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"{image}: not a readable image ({exc})") from None
+    """A picture file through the one loader (allowed formats, pixel cap, EXIF rotation, alpha on white)."""
+    if image is None or isinstance(image, Image.Image):
+        return None if image is None else to_rgb(image)  # a caller's RGBA page: transparent on white too
+    return load_image(image)
 
 
 def interpret(image: Image.Image | str | Path | None, evidence: "Evidence", backend: LLMBackend,

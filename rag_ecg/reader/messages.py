@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 from PIL import Image
 
+from rag_ecg.data.images import decode_image
+
 IMAGE_PART = {"type": "image"}  # where an image goes in a message's content; its pixels come in `images`
 
 _ROLES = {"system": "system", "human": "user", "user": "user", "ai": "assistant", "assistant": "assistant"}
@@ -34,9 +36,10 @@ def decode_data_url(url: str) -> Image.Image:
     if not m:
         raise ValueError(f"image_url {url[:40]!r}...: only base64 data:image URLs are accepted")
     try:
-        return Image.open(io.BytesIO(base64.b64decode(m.group(1), validate=True))).convert("RGB")
-    except (binascii.Error, OSError) as exc:
+        data = base64.b64decode(m.group(1), validate=True)
+    except binascii.Error as exc:
         raise ValueError(f"image_url: not a decodable base64 image ({exc})") from None
+    return decode_image(data, "image_url")  # ImageLoadError (a ValueError): allowed formats only
 
 
 def chat_messages(messages: Sequence[Any], images: Sequence[Image.Image] = ()) -> tuple[list[dict], list]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from rag_ecg.data.images import load_image, to_rgb
 from rag_ecg.errors import InputError
 from rag_ecg.io import atomic_write
 from rag_ecg.reader.report import Diagnosis, Report
@@ -61,8 +62,8 @@ def render_text(r: Report) -> str:
 
 def thumbnail_data_url(image: str | Path | Image.Image, max_side: int = 480) -> str:
     """A PNG thumbnail as a `data:` URL, so an HTML page carries its images inside it."""
-    img = image if isinstance(image, Image.Image) else Image.open(image)
-    img = img.convert("RGB")
+    img = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
+    img = img.copy() if img is image else img  # thumbnail() works in place: never on the caller's picture
     img.thumbnail((max_side, max_side))
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)

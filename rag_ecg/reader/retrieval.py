@@ -14,6 +14,7 @@ from rag_ecg.data.labels import FORM_CODES, RHYTHM_CODES, SUPERCLASS_NAMES, SUPE
 from rag_ecg.errors import BackendError, InputError
 from rag_ecg.reader.base import LLMBackend
 from rag_ecg.reader.report import Diagnosis, Report, RetrievalInfo, Statement
+from rag_ecg.search.evidence import ranked
 
 if TYPE_CHECKING:
     from rag_ecg.search.evidence import Evidence, Neighbour
@@ -65,7 +66,7 @@ class RetrievalBackend(LLMBackend):
         return votes
 
     def compose(self, evidence: "Evidence") -> Report:
-        ns = list(evidence.neighbours)
+        ns = ranked(evidence.neighbours)  # citations in one order: by rounded similarity, then case id
         sup = dict(evidence.superclass_scores) or self._fallback_votes(ns, lambda n: n.labels)
         codes = dict(evidence.code_scores) or self._fallback_votes(ns, lambda n: n.codes.keys())
 
@@ -129,7 +130,7 @@ class RetrievalBackend(LLMBackend):
     def _impression(self, ns: list["Neighbour"], diagnoses: list[Diagnosis]) -> Statement | None:
         if not ns:
             return None
-        top = sorted(ns, key=lambda n: -float(n.score))[: self.config.impression_cases]
+        top = ns[: self.config.impression_cases]  # `ns` is ranked (see compose)
         quotes = "; ".join(f"[case {n.case_id}] \u201c{_excerpt(n.report, self.config.quote_chars)}\u201d "
                            f"(similarity {float(n.score):.2f})" for n in top)
         labels = ", ".join(f"{d.label} ({d.confidence:.2f})" for d in diagnoses if d.code is None)

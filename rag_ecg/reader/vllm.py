@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from rag_ecg.errors import BackendError
 from rag_ecg.reader.base import LLMBackend
 from rag_ecg.reader.messages import to_openai_messages
+from rag_ecg.redact import mask_url
 
 
 @dataclass
@@ -55,6 +56,7 @@ class VLLMBackend(LLMBackend):
         self.client = openai.OpenAI(base_url=self.config.base_url, api_key=api_key, timeout=timeout_s,
                                     max_retries=0)
         self._model = model
+        self.shown_url = mask_url(self.config.base_url)  # what messages name: the password hidden
 
     @property
     def model(self) -> str:  # type: ignore[override]
@@ -74,14 +76,14 @@ class VLLMBackend(LLMBackend):
             except oa.APIStatusError as exc:
                 detail = _status_detail(exc)
                 if exc.status_code < 500 and exc.status_code not in _RETRY_STATUS:
-                    raise BackendError(f"vLLM server at {cfg.base_url} rejected the request to {what} "
+                    raise BackendError(f"vLLM server at {self.shown_url} rejected the request to {what} "
                                        f"(HTTP {exc.status_code}: {detail})") from None
                 cause = f"HTTP {exc.status_code}: {detail}"
             except IndexError:
-                raise BackendError(f"vLLM server at {cfg.base_url} serves no model") from None
+                raise BackendError(f"vLLM server at {self.shown_url} serves no model") from None
             if attempt < cfg.max_retries:
                 time.sleep(cfg.backoff_s * (2 ** attempt))
-        raise BackendError(f"vLLM server at {cfg.base_url}: {what} failed after {cfg.max_retries + 1} "
+        raise BackendError(f"vLLM server at {self.shown_url}: {what} failed after {cfg.max_retries + 1} "
                            f"attempt(s): {cause}. Is it running? (training/serve_pulse.sh)")
 
     def generate(self, messages: Sequence[Any], images: Sequence = ()) -> str:
@@ -91,7 +93,7 @@ class VLLMBackend(LLMBackend):
             model=model, messages=payload, max_tokens=self.config.max_tokens,
             temperature=self.config.temperature), "generate")
         if not resp.choices:
-            raise BackendError(f"vLLM server at {self.config.base_url} returned no choices")
+            raise BackendError(f"vLLM server at {self.shown_url} returned no choices")
         return resp.choices[0].message.content or ""
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ from rag_ecg.config import from_dict
 from rag_ecg.errors import RagEcgError
 
 STAGES = ("load", "embed", "search", "report")
+STATUSES = ("done", "unparsed", "error", "pending")  # a chart's status; unparsed: the answer held no report
 ENGINES = ("local", "ray")
 THUMBS = "thumbs"
 # backend options that do not change a report (where the server is, how long to wait, secrets)
@@ -35,7 +36,7 @@ class ReviewConfig:
     dpi: int | None = None  # render resolution for WFDB / store charts (None: the index's build dpi)
     device: str = "cpu"  # encoder device (cpu | cuda | auto)
     max_attempts: int = 3  # a chart that was being processed when a run died this often is marked error
-    retry_errors: bool = False  # put charts that ended in error back to pending before running
+    retry_errors: bool = False  # put charts that ended in error (or unparsed) back to pending before running
     thumb_width: int = 320  # width in px of the chart / neighbour thumbnails written under thumbs/
     image_max_side: int = 1600  # longest side in px of the page handed to text (LLM) backends
     html_rows: int = 2000  # most charts listed in index.html (results.csv / .jsonl always hold all)

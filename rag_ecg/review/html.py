@@ -15,6 +15,7 @@ from typing import Sequence
 
 from rag_ecg.data.labels import SUPERCLASSES
 from rag_ecg.reader.report import NOTICE
+from rag_ecg.review.config import STATUSES
 
 EAGER_ROWS = 60  # rows whose pictures load at once; later rows load lazily as they scroll into view
 
@@ -25,13 +26,16 @@ COLUMNS = (  # (key, header, sort type)
 )
 
 CSS = """
-:root{--ink:#1f2933;--muted:#616e7c;--line:#d9e2ec;--done:#1f7a4d;--error:#b42318;--pending:#8a6d00;--bar:#3e7cb1}
+:root{--ink:#1f2933;--muted:#616e7c;--line:#d9e2ec;--done:#1f7a4d;--error:#b42318;--pending:#8a6d00;--bar:#3e7cb1;
+--unparsed:#8e3b8c}
 *{box-sizing:border-box}body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--ink);
 margin:0;padding:20px 28px;background:#fbfcfd}h1{font-size:22px;margin:0 0 4px}h2{font-size:16px;margin:0 0 8px}
 .meta{color:var(--muted);font-size:12px;margin-bottom:14px;word-break:break-all}.notice{color:var(--muted);font-size:12px}
 .summary{display:flex;flex-wrap:wrap;gap:18px;margin:12px 0 18px}.card{background:#fff;border:1px solid var(--line);
 border-radius:8px;padding:12px 14px}.counts{display:flex;gap:14px}.count b{display:block;font-size:24px}
 .count.done b{color:var(--done)}.count.error b{color:var(--error)}.count.pending b{color:var(--pending)}
+.count.unparsed b{color:var(--unparsed)}.badge.unparsed{background:var(--unparsed)}.dropped{color:var(--error)}
+pre.raw{white-space:pre-wrap;word-break:break-word;max-height:16em;overflow:auto;font-size:12px;margin:4px 0}
 svg text{font:11px system-ui,sans-serif;fill:var(--ink)}.tools{margin:8px 0}.tools input{padding:5px 8px;width:280px;
 border:1px solid var(--line);border-radius:6px}table{border-collapse:collapse;width:100%;background:#fff}
 th,td{border-bottom:1px solid var(--line);padding:6px 8px;vertical-align:top;text-align:left}
@@ -89,9 +93,9 @@ def _fmt(v: float | None, nd: int = 2) -> str:
 
 
 def status_svg(counts: dict[str, int]) -> str:
-    """Counts by status as big numbers (text; no chart needed for three values)."""
+    """Counts by status as big numbers (text; no chart needed for four values)."""
     items = "".join(f'<div class="count {_e(k)}"><b>{int(counts.get(k, 0))}</b>{_e(k)}</div>'
-                    for k in ("done", "error", "pending"))
+                    for k in STATUSES)
     total = sum(int(v) for v in counts.values())
     return f'<div class="counts">{items}<div class="count"><b>{total}</b>charts</div></div>'
 
@@ -162,6 +166,16 @@ def _row_html(row: dict, lazy: bool) -> str:
     if findings:
         report_parts.append("<details><summary>Findings</summary><ul>"
                             + "".join(f"<li>{_e(f)}</li>" for f in findings) + "</ul></details>")
+    if row.get("raw_answer") is not None:
+        report_parts.append(f'<details open class="raw"><summary>The reader\'s answer (not a report)</summary>'
+                            f'<pre class="raw">{_e(row["raw_answer"])}</pre></details>')
+    dropped = row.get("dropped_citations") or []
+    if dropped:
+        report_parts.append(
+            f'<details class="dropped"><summary>{len(dropped)} statement(s) dropped: cited cases not retrieved'
+            "</summary><ul>" + "".join(f'<li>{_e(d.get("where"))}: {_e(d.get("text"))} — case(s) '
+                                       f'{_e(", ".join(str(c) for c in d.get("unknown") or []))}</li>'
+                                       for d in dropped) + "</ul></details>")
     nbs = row.get("neighbours") or []
     nb_html = "".join(
         f'<figure>{_img(n.get("thumb"), "case " + str(n["case_id"]), lazy)}<figcaption>case {int(n["case_id"])} · '

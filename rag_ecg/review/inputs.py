@@ -1,12 +1,16 @@
 """What a review reads: a folder, a CSV list or a store query of charts -> charts in a stable order.
 
 Each chart gets a key that is stable across runs (its relative path, or `case:<id>`), so a re-run of the
-same command finds the same job and the same items.
+same command finds the same job and the same items. A folder is the untrusted edge: every file in it gets a
+row, and what is not a chart (another file type, a link out of the folder, a pipe, a name that is not UTF-8)
+is a chart with `error` set, recorded as an error row and never opened.
 """
 from __future__ import annotations
 
 import csv
+import glob
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +30,7 @@ class Chart:
     key: str
     path: str  # image/PDF file, WFDB record path without extension, or a store case's signal path
     kind: str  # image | wfdb | case
+    error: str | None = None  # set: not a chart (one line naming it); recorded as an error, never read
 
 
 def chart_kind(key: str) -> str:
@@ -39,10 +44,11 @@ def discover(input: str | Path, store: Store | None = None, out_dir: Path | None
              limit: int | None = None) -> tuple[str, list[Chart]]:
     """Input -> (descriptor for the job key, charts in a stable order).
 
-    A folder is walked recursively (PNG/JPEG/BMP/TIFF/PDF files and WFDB `.hea` records; `out_dir` and
-    hidden folders skipped); a `.csv` needs a `path` column (relative paths resolved against its folder);
-    `store:source=ptbxl,fold=9[,split=val][,limit=50]` selects store cases, drawn as pages; a single
-    chart file is a batch of one.
+    A folder is walked recursively: pictures (IMAGE_SUFFIXES) and WFDB `.hea` records are charts, every other
+    file is a chart with `error` set (hidden files, a record's companion files and `out_dir` excepted);
+    links are followed only to files inside the folder; a `.csv` needs a `path` column (relative paths
+    resolved against its folder); `store:source=ptbxl,fold=9[,split=val][,limit=50]` selects store cases,
+    drawn as pages; a single chart file is a batch of one.
     """
     text = str(input)
     if text.startswith("store:"):
@@ -67,28 +73,89 @@ def discover(input: str | Path, store: Store | None = None, out_dir: Path | None
     else:
         raise ReviewError(f"{text}: not a folder, a .csv list or a chart file "
                           f"({', '.join(IMAGE_SUFFIXES)}, .hea)")
-    if not charts:
-        raise ReviewError(f"{text}: no charts found (PNG/JPEG/BMP/TIFF/PDF files or WFDB .hea records)")
+    if not any(c.error is None for c in charts):
+        other = next((f"; {len(charts)} other file(s), e.g. {c.error}" for c in charts), "")
+        raise ReviewError(f"{text}: no charts found (PNG/JPEG/BMP/TIFF/WebP/GIF/PDF files or WFDB .hea records)"
+                          f"{other}")
     return desc, charts[:limit] if limit else charts
 
 
 def _discover_folder(root: Path, out_dir: Path | None) -> list[Chart]:
     skip = out_dir.resolve() if out_dir is not None else None
-    charts = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    charts: list[Chart] = []
+
+    def unreadable(exc: OSError) -> None:  # os.walk could not list a folder: its row says so
+        where = Path(exc.filename or root)
+        if where == root:
+            raise ReviewError(f"{root}: cannot list the folder ({exc.strerror or exc})")
+        charts.append(_rejected(root, where, f"cannot list the folder ({exc.strerror or exc})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):  # never descends into links
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (skip is None or here / d != skip))
+        keep = []
+        for d in sorted(dirnames):
+            p = here / d
+            if d.startswith(".") or p == skip:
+                continue
+            if p.is_symlink():
+                inside = _inside(root, p)
+                charts.append(_rejected(root, p, "a link to a folder (links to folders are not followed)" if inside
+                                        else "a link to outside the input folder (not followed)"))
+            else:
+                keep.append(d)
+        dirnames[:] = keep
+        records = {n[:-4] for n in filenames if n.lower().endswith(".hea")}
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             suffix = Path(name).suffix.lower()
-            p = here / name
-            rel = p.relative_to(root).as_posix()
-            if suffix in IMAGE_SUFFIXES:
-                charts.append(Chart(rel, str(p), "image"))
-            elif suffix == ".hea":
-                charts.append(Chart(rel, str(p.with_suffix("")), "wfdb"))
+            if suffix not in IMAGE_SUFFIXES and suffix != ".hea" and Path(name).stem in records:
+                continue  # a WFDB record's signal/annotation file (X.dat, X.atr, ... next to X.hea)
+            charts.append(_folder_chart(root, here / name, suffix))
     return sorted(charts, key=lambda c: c.key)
+
+
+def _folder_chart(root: Path, p: Path, suffix: str) -> Chart:
+    """One file of an input folder as a chart, or as a rejected one (never opened) saying why."""
+    rel = p.relative_to(root).as_posix()
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:  # os.walk hands undecodable bytes over as surrogates: no database can hold them
+        return _rejected(root, p, "file name is not valid UTF-8 (rename the file)")
+    try:
+        st = os.lstat(p)
+        real = p
+        if stat.S_ISLNK(st.st_mode):
+            if not _inside(root, p):
+                return _rejected(root, p, "a link to outside the input folder (not followed)")
+            try:
+                st = os.stat(p)
+            except OSError:
+                return _rejected(root, p, "a broken link (its target does not exist)")
+            real = Path(os.path.realpath(p))  # read the target itself: the link cannot be re-aimed later
+    except OSError as exc:
+        return _rejected(root, p, f"cannot read ({exc.strerror or exc})")
+    if not stat.S_ISREG(st.st_mode):
+        return _rejected(root, p, "not a regular file (a pipe, socket or device)")
+    if suffix in IMAGE_SUFFIXES:
+        return Chart(rel, str(real), "image")
+    if suffix == ".hea":
+        for part in sorted(p.parent.glob(f"{glob.escape(p.stem)}.*")):  # its .dat etc. must not lead outside
+            if part.is_symlink() and not _inside(root, part):
+                return _rejected(root, p, f"its file {part.name} is a link to outside the input folder")
+        return Chart(rel, str(real.with_suffix("")), "wfdb")
+    return _rejected(root, p, f"not an ECG picture or WFDB record: {suffix or 'no file suffix'}")
+
+
+def _inside(root: Path, p: Path) -> bool:
+    """Whether a path, links resolved, stays inside `root` (itself resolved)."""
+    return Path(os.path.realpath(p)).is_relative_to(root)
+
+
+def _rejected(root: Path, p: Path, why: str) -> Chart:
+    """A rejected chart: keyed by its relative path (undecodable bytes escaped), `error` naming it."""
+    rel = os.fsencode(p.relative_to(root).as_posix()).decode("utf-8", "backslashreplace")
+    return Chart(rel, str(root / rel), "image", f"{rel}: {why}")
 
 
 def _discover_csv(path: Path) -> list[Chart]:

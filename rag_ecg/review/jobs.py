@@ -11,12 +11,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from rag_ecg.data.store import Case, ReviewItem, ReviewJob, Store
 from rag_ecg.io import atomic_write
-from rag_ecg.review.config import THUMBS, ReviewConfig
+from rag_ecg.review.config import STATUSES, THUMBS, ReviewConfig
 from rag_ecg.review.inputs import Chart
 from rag_ecg.review.pipeline import ChartResult
 
@@ -59,11 +59,25 @@ def add_items(store: Store, job_id: int, charts: Sequence[Chart], chunk: int = 1
     return len(new)
 
 
+def reject_items(store: Store, job_id: int, charts: Sequence[Chart]) -> None:
+    """Record the input's files that are not charts (`Chart.error`) as error rows: never loaded, even after
+    `reset_errors`, and a file that became one since a result was kept loses that result."""
+    rejected = [c for c in charts if c.error]
+    now = datetime.now(timezone.utc)
+    with store.session() as s:
+        for c in rejected:
+            s.execute(update(ReviewItem).where(ReviewItem.job_id == job_id, ReviewItem.chart_key == c.key,
+                                               or_(ReviewItem.status != "error", ReviewItem.error.is_(None),
+                                                   ReviewItem.error != c.error, ReviewItem.path != c.path))
+                      .values(status="error", error=c.error, path=c.path, attempts=0, timings={}, report=None,
+                              neighbours=None, finished_at=now))
+
+
 def status_counts(store: Store, job_id: int) -> dict[str, int]:
     with store.session() as s:
         rows = s.execute(select(ReviewItem.status, func.count()).where(ReviewItem.job_id == job_id)
                          .group_by(ReviewItem.status)).all()
-    out = {"pending": 0, "done": 0, "error": 0}
+    out = dict.fromkeys(STATUSES, 0)
     out.update({st: int(n) for st, n in rows})
     return out
 
@@ -130,9 +144,11 @@ def commit_results(store: Store, out_dir: Path, results: Sequence[ChartResult]) 
 
 
 def reset_errors(store: Store, job_id: int) -> None:
-    """Put the job's charts that ended in error back to pending, with their attempts cleared."""
+    """Put the job's charts that ended in error, or whose answer was no report (unparsed), back to pending,
+    with their attempts cleared."""
     with store.session() as s:
-        s.execute(update(ReviewItem).where(ReviewItem.job_id == job_id, ReviewItem.status == "error")
+        s.execute(update(ReviewItem).where(ReviewItem.job_id == job_id,
+                                           ReviewItem.status.in_(("error", "unparsed")))
                   .values(status="pending", attempts=0))
 
 

@@ -9,21 +9,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from PIL import Image
 from sqlalchemy import select
 
+from rag_ecg.data.images import load_image
 from rag_ecg.data.store import Case, ReviewItem, ReviewJob, Store, load_case_record
 from rag_ecg.io import atomic_open, atomic_write, versions, write_json
 from rag_ecg.paper.render import render_page
+from rag_ecg.redact import redact
 from rag_ecg.review import html as review_html
-from rag_ecg.review.config import STAGES, THUMBS, ReviewConfig
+from rag_ecg.review.config import STAGES, STATUSES, THUMBS, ReviewConfig
 from rag_ecg.review.inputs import chart_kind
 from rag_ecg.review.jobs import case_meta, write_thumb
 from rag_ecg.review.loader import jpeg_bytes, open_chart
 
 CSV_COLUMNS = ("chart", "path", "status", "error", "top_diagnosis", "top_confidence", "diagnoses", "impression",
-               "cited_cases", "neighbours", "attempts", "t_load_s", "t_embed_s", "t_search_s", "t_report_s",
-               "t_total_s")
+               "cited_cases", "dropped_citations", "raw_answer", "neighbours", "attempts", "t_load_s", "t_embed_s",
+               "t_search_s", "t_report_s", "t_total_s")
+RAW_EXCERPT = 2000  # characters of an unparsed answer the CSV / page show (results.jsonl's report has it all)
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads a cell starting so as a formula
 
 
 def item_row(item: ReviewItem) -> dict:
@@ -38,6 +41,9 @@ def item_row(item: ReviewItem) -> dict:
                  + [rep.get("impression")]):
         for c in (part or {}).get("cited") or []:
             cited.setdefault(int(c), None)
+    dropped = [{"where": d.get("where"), "text": d.get("text"), "unknown": [int(c) for c in d.get("unknown") or []]}
+               for d in rep.get("dropped_citations") or []]
+    raw = rep.get("raw_text") if rep and not rep.get("parsed", True) else None
     timings = {k: float(v) for k, v in (item.timings or {}).items()}
     timings["total"] = round(sum(timings.get(s, 0.0) for s in STAGES), 6)
     top = diags[0] if diags else None
@@ -47,6 +53,7 @@ def item_row(item: ReviewItem) -> dict:
         "top_diagnosis": _diag_name(top) if top else None, "top_confidence": top["confidence"] if top else None,
         "impression": impression, "rhythm": (rep.get("rhythm") or {}).get("text") if rep else None,
         "findings": [f.get("text") for f in rep.get("findings") or []], "cited_cases": list(cited),
+        "dropped_citations": dropped, "raw_answer": raw[:RAW_EXCERPT] if raw is not None else None,
         "neighbours": list(item.neighbours or []), "timings": timings, "report": item.report,
         "finished_at": item.finished_at.isoformat() if item.finished_at else None,
     }
@@ -56,18 +63,28 @@ def _diag_name(d: dict) -> str:
     return d.get("superclass") if d.get("code") is None and d.get("superclass") else (d.get("code") or d["label"])
 
 
+def csv_cell(value):
+    """A cell a spreadsheet shows as text: one starting like a formula (= + - @ tab CR) gets a leading '."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
 def csv_row(row: dict) -> dict:
+    """One results.csv line (cells neutralised against formula injection; results.jsonl keeps raw text)."""
     t = row["timings"]
-    return {
+    cells = {
         "chart": row["chart"], "path": row["path"], "status": row["status"], "error": row["error"] or "",
         "top_diagnosis": row["top_diagnosis"] or "",
         "top_confidence": "" if row["top_confidence"] is None else f"{row['top_confidence']:.4f}",
         "diagnoses": "; ".join(f"{_diag_name(d)} {d['confidence']:.2f}" for d in row["diagnoses"]),
         "impression": row["impression"] or "", "cited_cases": " ".join(map(str, row["cited_cases"])),
+        "dropped_citations": "; ".join(f"{d['where']}: {' '.join(map(str, d['unknown']))}"
+                                       for d in row["dropped_citations"]),
+        "raw_answer": row["raw_answer"] or "",
         "neighbours": " ".join(f"{n['case_id']}:{n['score']:.3f}" for n in row["neighbours"]),
         "attempts": row["attempts"],
         **{f"t_{s}_s": f"{t[s]:.4f}" if s in t else "" for s in STAGES}, "t_total_s": f"{t['total']:.4f}",
     }
+    return {k: csv_cell(v) for k, v in cells.items()}
 
 
 def iter_rows(store: Store, job_id: int, page: int = 500) -> Iterator[dict]:
@@ -90,8 +107,9 @@ def write_outputs(store: Store, job_id: int, out_dir: Path, cfg: ReviewConfig,
     with store.session() as s:
         job = s.get(ReviewJob, job_id)
         job_info = {"id": job.id, "key": job.key, "input": job.input, "status": job.status,
-                    "settings": job.settings, "created_at": job.created_at.isoformat() if job.created_at else None}
-    summary = {"by_status": {"done": 0, "error": 0, "pending": 0}, "by_superclass": {}, "confidence": [], "total": 0}
+                    "settings": redact(job.settings or {}),  # also jobs recorded before secrets were masked
+                    "created_at": job.created_at.isoformat() if job.created_at else None}
+    summary = {"by_status": dict.fromkeys(STATUSES, 0), "by_superclass": {}, "confidence": [], "total": 0}
     shown: list[dict] = []
     csv_path, jsonl_path = out_dir / "results.csv", out_dir / "results.jsonl"
     # both files replace their old versions only once both are complete (an error removes both temp files)
@@ -145,8 +163,7 @@ def _attach_thumbs(store: Store, out_dir: Path, rows: list[dict], cfg: ReviewCon
         try:
             src = need[cid].get("image_path")
             if src and Path(src).exists():
-                with Image.open(src) as im:
-                    data = jpeg_bytes(im, cfg.thumb_width)
+                data = jpeg_bytes(load_image(src), cfg.thumb_width)
             elif cid in by_id:
                 data = jpeg_bytes(render_page(load_case_record(by_id[cid]), preset="clean", seed=0, dpi=dpi),
                                   cfg.thumb_width)

@@ -50,7 +50,7 @@ class ChartResult:
     """One chart's outcome, ready to be written to its ReviewItem."""
 
     item_id: int
-    status: str  # done | error | pending (the backend failed: retried by the next run)
+    status: str  # done | unparsed (the answer is no report) | error | pending (the backend failed: next run)
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     report: dict | None = None  # Report.to_dict()
@@ -196,10 +196,14 @@ class ChartPipeline:
 
 
 def finish_result(res: ChartResult, key: str, evidence: Evidence, rep: Any, report_s: float) -> ChartResult:
-    """Fill a result from the reader's outcome: a Report (done), a BackendError (pending) or a failure."""
+    """Fill a result from the reader's outcome: a Report (done; `unparsed` when the reader's answer held no
+    valid report, kept verbatim), a BackendError (pending) or a failure (error)."""
     res.timings["report"] = round(report_s, 6)
     res.neighbours = neighbour_rows(evidence)
-    if isinstance(rep, Report):
+    if isinstance(rep, Report) and not rep.parsed:
+        res.status, res.report = "unparsed", rep.to_dict()
+        res.error = f"{key}: the reader's answer is not a report ({' '.join(str(rep.parse_error).split())})"
+    elif isinstance(rep, Report):
         res.status, res.error, res.report = "done", None, rep.to_dict()
     elif isinstance(rep, BackendError):
         res.status, res.error = "pending", one_line(key, rep)

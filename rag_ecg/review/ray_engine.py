@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
 from sqlalchemy import select, update
 
+from rag_ecg.data.images import decode_image
 from rag_ecg.data.store import ReviewItem, Store
 from rag_ecg.review.config import ReviewConfig, ReviewError
 from rag_ecg.review.jobs import case_meta, commit_results
@@ -53,8 +53,7 @@ def _png(image) -> bytes:
 def _unpng(data: bytes):
     if not data:
         return None
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
+    return decode_image(data, "page")
 
 
 class LoadEmbed:

@@ -22,12 +22,15 @@ from typing import Callable
 from rag_ecg import __version__, paths
 from rag_ecg.data.store import Store, open_store
 from rag_ecg.paper.presets import PRESETS
+from rag_ecg.redact import redact
 from rag_ecg.review.config import STAGES, THUMBS, ReviewConfig, ReviewError
 from rag_ecg.review.inputs import discover
-from rag_ecg.review.jobs import add_items, job_key, mark_done, open_job, reset_errors, status_counts
+from rag_ecg.review.jobs import (add_items, job_key, mark_done, open_job, reject_items, reset_errors,
+                                 status_counts)
 from rag_ecg.review.local import ReviewProgress, run_local
 from rag_ecg.review.outputs import write_outputs
 from rag_ecg.review.pipeline import ChartPipeline, ChartResult, PipelineSpec
+from rag_ecg.search.index_folder import check_store
 from rag_ecg.search.retrieve import MANIFEST, IndexNotReadyError
 
 
@@ -43,6 +46,7 @@ class ReviewSummary:
     done: int
     error: int
     pending: int  # left for the next run (backend failures)
+    unparsed: int  # the reader answered, but not with a report (kept verbatim; retried with retry_errors)
     processed: int  # charts finished (done or error) by this run
     resumed: bool  # the job existed before this run
     elapsed_s: float  # wall time of this run's chart processing
@@ -59,13 +63,15 @@ class ReviewSummary:
         """What the CLI prints after a run."""
         what = "resumed job" if self.resumed else "new job"
         lines = [f"{what} {self.job_id} ({self.key[:12]}): {self.total} charts: {self.done} done, "
-                 f"{self.error} error, {self.pending} pending",
+                 f"{self.unparsed} unparsed, {self.error} error, {self.pending} pending",
                  f"this run: {self.processed} charts in {self.elapsed_s:.1f}s ({self.charts_per_s:.1f} charts/s)"]
         if self.processed:
             total = sum(self.stage_s.values()) or 1.0
             lines.append("time per stage: " + ", ".join(f"{k} {v / total:.0%}" for k, v in self.stage_s.items()))
         if self.pending:
             lines.append("charts left pending (the backend failed): fix it and run the same command again")
+        if self.unparsed:
+            lines.append("charts whose answer was not a report are marked unparsed: --retry-errors asks again")
         lines += [f"{name}: {path}" for name, path in self.outputs.items()]
         return "\n".join(lines)
 
@@ -124,17 +130,19 @@ def _review(input, out_dir, st: Store, index_dir, cfg: ReviewConfig, progress: b
     out = Path(out_dir).expanduser().resolve()
     idx_dir = resolve_index_dir(index_dir)
     info = index_info(idx_dir)
+    check_store(idx_dir, st)  # before a job is opened: the index's case ids must name the same ECGs here
     if cfg.preset not in PRESETS:
         raise ReviewError(f"render preset {cfg.preset!r}: choose one of {', '.join(PRESETS)}")
     if cfg.dpi is None:
         cfg = replace(cfg, dpi=info["dpi"])  # draw WFDB / store charts like the index's pages
     descriptor, charts = discover(input, st, out, cfg.limit)
     key = job_key(descriptor, cfg, info)
-    settings = {"review": asdict(cfg), "index": info, "rag_ecg_version": __version__}
+    settings = redact({"review": asdict(cfg), "index": info, "rag_ecg_version": __version__})  # no secrets
     job_id, resumed = open_job(st, key, descriptor, out, settings)
     add_items(st, job_id, charts)
     if cfg.retry_errors:
         reset_errors(st, job_id)
+    reject_items(st, job_id, charts)  # files that are not charts: error rows, never opened
     (out / THUMBS).mkdir(parents=True, exist_ok=True)
 
     spec = PipelineSpec(index_dir=str(idx_dir.resolve()), store_url=st.url, backend=cfg.backend,
@@ -179,6 +187,7 @@ def _review(input, out_dir, st: Store, index_dir, cfg: ReviewConfig, progress: b
         outputs = write_outputs(st, job_id, out, cfg, idx_dir)
     return ReviewSummary(job_id=job_id, key=key, input=descriptor, out_dir=out, total=sum(counts.values()),
                          done=counts["done"], error=counts["error"], pending=counts["pending"],
+                         unparsed=counts["unparsed"],
                          processed=processed, resumed=resumed, elapsed_s=round(elapsed, 3),
                          charts_per_s=round(processed / elapsed, 3) if elapsed > 0 and processed else 0.0,
                          stage_s={k: round(v, 3) for k, v in stage_s.items()},

@@ -6,6 +6,13 @@ backends can be built and tested from evidence alone.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+# Similarities are ranked and reported at 1e-5: ~100x the float noise (~1e-7) that other torch thread settings
+# leave in embeddings, so near-ties rank by case id whatever machine computed them.
+SCORE_DECIMALS = 5
 
 
 @dataclass
@@ -24,6 +31,19 @@ class Neighbour:
     sex: str | None = None
     patient_id: str | None = None
     image_path: str | None = None  # a rendered page of the case, when the index kept one
+
+
+def ranked(neighbours: Iterable[Neighbour]) -> list[Neighbour]:
+    """Best first by (similarity rounded to SCORE_DECIMALS, case id): the one order neighbours are cited in."""
+    return sorted(neighbours, key=lambda n: (-round(float(n.score), SCORE_DECIMALS), n.case_id))
+
+
+def rank_hits(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, m) search hits -> each row's best k by (score rounded to SCORE_DECIMALS, descending; case id),
+    padding (-1, -inf) last; the rounded scores are reported, so what is shown is what was ranked."""
+    rounded = np.round(np.asarray(scores, dtype=np.float64), SCORE_DECIMALS)
+    order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -rounded), axis=-1)[:, :k]
+    return np.take_along_axis(rounded, order, -1).astype(np.float32), np.take_along_axis(ids, order, -1)
 
 
 @dataclass

@@ -3,7 +3,9 @@
 The manifest says what the file is (kind, dim, rows, the encoder hash it was built with, config, versions)
 and vouches for it (byte size and sha256). The pair is written file, then manifest, each atomically through
 `rag_ecg.io`; a crash between the two leaves a new file beside the old manifest, which `read_index_pair`
-refuses (size/checksum mismatch) rather than serving vectors the manifest does not describe.
+refuses (size/checksum mismatch) rather than serving vectors the manifest does not describe. That is why an
+index *folder* is never saved in place: `index/build.py` writes a whole build in a staging folder and swaps
+it in with one rename, so the pairs a reader opens are always whole.
 """
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ from rag_ecg.encoder.model import ECGEncoder
 from rag_ecg.errors import ArtifactError, InputError
 from rag_ecg.eval.metrics import vote_scores
 from rag_ecg.search.calibration import Calibration
-from rag_ecg.search.evidence import Evidence, Neighbour
+from rag_ecg.search.evidence import SCORE_DECIMALS, Evidence, Neighbour
+from rag_ecg.search.index_folder import check_store
 from rag_ecg.search.vector_index import VectorIndex
 
 MANIFEST = "manifest.json"
@@ -62,6 +63,8 @@ class Retriever:
         texts = None
         if (index_dir / "texts.faiss").exists():
             texts = VectorIndex.load(index_dir / "texts.faiss", expected_encoder_hash=encoder.checkpoint_hash)
+        ids = images.ids if texts is None else np.union1d(images.ids, texts.ids)
+        check_store(index_dir, store, manifest, ids)  # ids name the same ECGs in this store as when built
         return cls(index_dir, store, encoder, images, texts, manifest)
 
     # ---- queries -------------------------------------------------------------------------------------
@@ -118,7 +121,7 @@ class Retriever:
                 continue
             if source is not None and case.source != source:
                 continue
-            out.append((float(sc), case))
+            out.append((round(float(sc), SCORE_DECIMALS), case))  # ranked at this precision (vector_index)
             if len(out) >= want:
                 break
         return out

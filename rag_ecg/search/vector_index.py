@@ -23,6 +23,9 @@ Kinds (``IndexConfig.kind``, `index_config`):
   reached higher recall@10 (0.994 at nprobe 8 vs 0.988 at efSearch 64) at ~5x the q/s (6.8k vs 1.3k; exact
   search: 16), and it runs on GPUs.
 
+Ranking (`evidence.rank_hits`): by score rounded to 1e-5, then case id, so thread-count float noise cannot swap
+near-ties; a few extra candidates are fetched so that a tie at the k-th place is cut by case id too.
+
 Removal: `flat` deletes rows; `ivfpq`/`hnsw` cannot shift rows, so removed rows are tombstoned, excluded
 inside the search (FAISS ID selectors), and physically dropped by `compact()` (automatically once tombstones
 pass `auto_compact_fraction`). Input vectors that are not unit-norm are refused, not silently normalised: an
@@ -43,6 +46,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from rag_ecg.search.evidence import rank_hits
 from rag_ecg.search.faiss_gpu import gpu_replica, num_gpus, search_replica
 from rag_ecg.search.index_config import IndexConfig, VectorIndexError
 from rag_ecg.search.index_files import (FORMAT, IndexLoadError, read_index_pair, serialized_size,
@@ -53,6 +57,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 METRIC = "inner_product"  # on L2-normalised vectors: cosine similarity
 _MIN_PER_LIST = 39  # FAISS k-means wants >= 39 training points per centroid
+_TIE_MARGIN = 16  # candidates fetched beyond k so that ties at the k-th place are cut by case id
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -202,7 +207,7 @@ class VectorIndex:
         n = len(q)
         if n == 0 or self.ntotal == 0:
             return np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
-        kk = min(k, int(self._index.ntotal))
+        kk = min(k + _TIE_MARGIN, int(self._index.ntotal))
         nprobe = int(nprobe or self.config.nprobe)
         ef = max(int(ef_search or self.config.ef_search), kk)
         kf = int(k_factor or self.config.k_factor)
@@ -222,7 +227,7 @@ class VectorIndex:
                 bp.sel = self._alive_selector()
             D, I = inner.search(q, kk, params=faiss.IndexRefineSearchParameters(k_factor=kf, base_index_params=bp))
         ids = np.where(I >= 0, self._labels[np.clip(I, 0, None)], -1).astype(np.int64)
-        scores = np.where(I >= 0, D, -np.inf).astype(np.float32)
+        scores, ids = rank_hits(np.where(I >= 0, D, -np.inf), ids, k)
         if ids.shape[1] < k:
             pad = k - ids.shape[1]
             scores = np.hstack([scores, np.full((n, pad), -np.inf, np.float32)])

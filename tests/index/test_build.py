@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sqlalchemy import select
 
+from index.build import KILL_AT, BuildConfig, build_index, staging_dir
 from rag_ecg.encoder.model import ECGEncoder
+from rag_ecg.errors import InputError
 from rag_ecg.paper.render import render_page
 from rag_ecg.search.retrieve import Retriever
 from rag_ecg.data.store import Case, load_case_record
@@ -76,33 +78,66 @@ def test_index_from_another_encoder_is_refused(tiny_index, ingested_store, tmp_p
 
 
 BUILD = """
-import logging, sys
+import json, logging, sys
 from index.build import BuildConfig, build_index
 from rag_ecg.data.store import open_store
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 build_index(open_store(sys.argv[1]), sys.argv[2], out_dir=sys.argv[3],
-            cfg=BuildConfig(workers=1, chunk=8, page_width=0), progress=False)
+            cfg=BuildConfig(workers=1, page_width=0, **json.loads(sys.argv[4])), progress=False)
 """
 
 
-def test_killed_build_resumes_without_redoing_work(tiny_index, ingested_store, tmp_path):
+def _build(store, encoder, out: Path, kill_at: str | None = None, **cfg) -> subprocess.CompletedProcess:
+    """`build_index` in a real process; `kill_at` SIGKILLs it at that step (index.build.KILL_AT)."""
+    env = {k: v for k, v in os.environ.items() if k != KILL_AT}
+    if kill_at:
+        env[KILL_AT] = kill_at
+    return subprocess.run([sys.executable, "-c", BUILD, store.url, str(encoder), str(out), json.dumps(cfg)],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def _live(out: Path, store) -> tuple[int, int]:
+    """(cases, generation) of the index that opens at `out` — opening checks every file and the store."""
+    r = Retriever.open(out, store)
+    assert r.image_index.ntotal == r.manifest["count"] == r.manifest.get("cases", {}).get("count", r.manifest["count"])
+    return r.manifest["count"], r.manifest.get("generation", 0)
+
+
+def test_a_rebuild_killed_at_each_step_leaves_an_index_that_opens_and_resumes(tiny_index, ingested_store, tmp_path):
+    """kill -9 a rebuild after its first chunk, after its new manifest is written (before the swap) and after the
+    swap (before the old index is deleted): each time the old or the new index opens, whole, and each run
+    resumes the last one's work; a plain run then finishes with no leftovers and nothing re-embedded."""
     out = tmp_path / "idx"
-    cmd = [sys.executable, "-c", BUILD, ingested_store.url, str(tiny_index["encoder"]), str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill as soon as one chunk has been saved
-        if (out / "images.json").exists() and json.loads((out / "images.json").read_text())["count"] >= 8:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "manifest.json").exists()  # not finished
-    partial = json.loads((out / "images.json").read_text())["count"]
-    assert 8 <= partial < len(_train_cases(ingested_store))
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-    assert f"{partial} already embedded" in done.stdout
-    resumed = VectorIndex.load(out / "images.faiss")
+    shutil.copytree(tiny_index["index"], out)  # the live index (other settings: page_width=400, all cases)
+    before = (out / "manifest.json").read_bytes()
+    old = _live(out, ingested_store)
+    n = 24
+    killed = _build(ingested_store, tiny_index["encoder"], out, kill_at="chunk", limit=n, chunk=8)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (out / "manifest.json").read_bytes() == before and _live(out, ingested_store) == old  # still served
+    assert json.loads((staging_dir(out) / "images.json").read_text())["count"] == 8
+    # what a kill between a FAISS file's rename and its manifest's leaves: another file beside the old manifest
+    shutil.copyfile(tiny_index["index"] / "images.faiss", staging_dir(out) / "images.faiss")
+    seen = []
+    for step, embedded in (("staged", 0), ("swapped", n)):  # the torn pair is not trusted: that build starts over
+        killed = _build(ingested_store, tiny_index["encoder"], out, kill_at=step, limit=n, chunk=8)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert f"{embedded} already embedded" in killed.stdout  # resumed, not redone
+        seen.append(_live(out, ingested_store))
+    assert seen == [old, (n, old[1] + 1)]  # before the swap the old index, after it the new one
+    done = _build(ingested_store, tiny_index["encoder"], out, limit=n, chunk=8)
+    assert done.returncode == 0, done.stderr
+    assert f"{n} already embedded" in done.stdout  # started from the live index's own vectors
+    assert _live(out, ingested_store) == (n, old[1] + 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no staging or swapped-out folder left
+    rebuilt = VectorIndex.load(out / "images.faiss")
     full = VectorIndex.load(tiny_index["index"] / "images.faiss")
-    ids = np.sort(full.ids)
-    assert np.array_equal(np.sort(resumed.ids), ids)
-    assert np.allclose(resumed.vectors(ids), full.vectors(ids), atol=1e-5)
+    ids = np.sort(rebuilt.ids)
+    assert len(ids) == n and np.allclose(rebuilt.vectors(ids), full.vectors(ids), atol=1e-5)
+
+
+def test_a_folder_that_is_not_an_index_is_not_replaced(tiny_index, ingested_store, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not an index folder"):
+        build_index(ingested_store, tiny_index["encoder"], out_dir=tmp_path, cfg=BuildConfig(limit=4))
+    assert (tmp_path / "notes.txt").read_text() == "mine"

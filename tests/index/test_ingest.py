@@ -18,9 +18,17 @@ def test_ingest_is_idempotent_and_labels_match(store_url, ptbxl_dir, ludb_dir):
     assert (first.inserted, first.updated, first.skipped) == (40, 0, [])
     ingest(store, "ludb", ludb_dir, limit=3, progress=False)
     before = summary(store)
+    with store.session() as s:
+        stamps = dict(s.execute(select(Case.id, Case.updated_at)).all())
     again = ingest(store, "ptbxl", ptbxl_dir, limit=40, progress=False)
-    assert (again.inserted, again.updated) == (0, 40)
+    assert (again.inserted, again.updated, again.skipped) == (0, 0, [])  # a re-run changes nothing
     assert summary(store) == before
+    with store.session() as s:
+        assert dict(s.execute(select(Case.id, Case.updated_at)).all()) == stamps  # not even written
+        assert s.scalar(select(IngestRun).order_by(IngestRun.id.desc())).updated == 0
+    assert ingest(store, "ludb", ludb_dir, limit=3, progress=False).updated == 0  # JSON `extra` too
+    same_folder = ptbxl_dir / ".." / ptbxl_dir.name  # another spelling of the same files: still unchanged
+    assert ingest(store, "ptbxl", same_folder, limit=40, progress=False).updated == 0
     assert before["by_source"] == {"ptbxl": 40, "ludb": 3}
 
     rows, _ = read_ptbxl_index(ptbxl_dir)
@@ -51,7 +59,7 @@ def test_reingest_updates_changed_metadata(store_url, ptbxl_dir, tmp_path):
     (root / "ptbxl_database.csv").write_text("\n".join(lines).replace("sinusrhythmus normales ekg",
                                                                         "EDITED REPORT", 1) + "\n")
     res = ingest(store, "ptbxl", root, progress=False)
-    assert (res.inserted, res.updated) == (0, 5)
+    assert (res.inserted, res.updated) == (0, 1)  # only the edited report counts
     with store.session() as s:
         reports = [c.report for c in s.scalars(select(Case).order_by(Case.id))]
         assert len(reports) == 5 and reports[0] == "EDITED REPORT"

@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-from rag_ecg.io import (append_jsonl, atomic_dir, atomic_open, atomic_write, atomic_write_with, read_json, versions,
-                        version_mismatches, write_json)
+from rag_ecg.io import (append_jsonl, atomic_dir, atomic_open, atomic_write, atomic_write_with, read_json, replace_dir,
+                        versions, version_mismatches, write_json)
 
 
 def _litter(folder) -> list[str]:
@@ -62,6 +62,18 @@ def test_atomic_dir_swaps_a_whole_folder_or_nothing(tmp_path):
         (d / "weights").write_text("v2")
     assert sorted(p.name for p in final.iterdir()) == ["weights"] and (final / "weights").read_text() == "v2"
     assert _litter(tmp_path) == []
+
+
+def test_replace_dir_swaps_in_one_step_and_hands_back_the_old_folder(tmp_path):
+    final, new = tmp_path / "index", tmp_path / ".index.build"
+    final.mkdir()
+    (final / "manifest.json").write_text("old")
+    new.mkdir()
+    (new / "manifest.json").write_text("new")
+    old = replace_dir(new, final)
+    assert (final / "manifest.json").read_text() == "new"
+    assert old is not None and (old / "manifest.json").read_text() == "old"  # Linux: swapped into `new`'s place
+    assert replace_dir(old, tmp_path / "fresh") is None and (tmp_path / "fresh" / "manifest.json").exists()
 
 
 def test_versions_stamp_and_mismatches_ignore_local_build_labels():

@@ -238,3 +238,45 @@ def test_config_errors_are_one_clear_line(tiny_dir, data_dir, tmp_path):
         cfg = _cfg(tiny_dir, data_dir, tmp_path, quantization="4bit")
         with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
             load_base_model(cfg, setup_distributed("cpu"))
+
+
+class _RunsCode:
+    """What a crafted checkpoint would hold: unpickling it (weights_only=False) runs code (touches a file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pruning_keeps_the_newest_and_a_crafted_rng_pickle_is_refused(tiny_dir, data_dir, tmp_path):
+    from rag_ecg.errors import ArtifactError
+    from training.llm_checkpoint import verify_checkpoint
+
+    over = dict(lora_dropout=0.0, max_steps=4, save_every=2, eval_every=0, save_total_limit=1)
+    train(_cfg(tiny_dir, data_dir, tmp_path / "run", **over))
+    cks = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in cks.iterdir()) == ["step-000004"]  # step 2 went once step 4 loaded back
+    verify_checkpoint(cks / "step-000004", 1)
+
+    # the RNG file replaced by a pickle that runs code when loaded the unsafe way
+    marker = tmp_path / "pwned"
+    rng = cks / "step-000004" / "rng-rank0.pt"
+    torch.save(_RunsCode(marker), rng)
+    shutil.copy(rng, tmp_path / "probe.pt")
+    torch.load(tmp_path / "probe.pt", weights_only=False)  # the crafted file is real: loading it unsafely runs it
+    assert marker.exists()
+    marker.unlink()
+
+    with pytest.raises(ArtifactError) as err:  # resume: refused in one line naming the file, nothing run
+        train(_cfg(tiny_dir, data_dir, tmp_path / "run", **{**over, "max_steps": 6}))
+    assert str(err.value).startswith(f"{rng}: refused, not a plain-data checkpoint file (")
+    assert "\n" not in str(err.value) and not marker.exists()
+    with pytest.raises(ArtifactError, match="rng-rank0.pt: refused"):
+        verify_checkpoint(cks / "step-000004", 1)
+    assert not marker.exists()
+
+    (cks / "step-000004" / "adapter_model.safetensors").write_bytes(b"\0" * 16)  # a torn adapter file
+    with pytest.raises(ArtifactError, match=r"step-000004: checkpoint does not load back \("):
+        verify_checkpoint(cks / "step-000004", 1)

@@ -74,7 +74,7 @@ def test_other_modes_are_normalised_to_rgb(tmp_path, mode):
 
 
 def test_transparency_is_composited_on_white(tmp_path):
-    arr = np.zeros((20, 30, 4), np.uint8)
+    arr = np.zeros((40, 60, 4), np.uint8)
     arr[5:10, :, 3] = 255  # one opaque black band, the rest fully transparent
     p = tmp_path / "ecg.png"
     Image.fromarray(arr, "RGBA").save(p)
@@ -107,7 +107,7 @@ def test_empty_file(tmp_path):
 def test_text_file_is_not_an_image(tmp_path):
     p = tmp_path / "ecg-07.jpg"
     p.write_text("patient 7, 12-lead ECG, sinus rhythm\n")
-    msg = _fails(p, r"not an image \(looks like text; expected PNG, JPEG, BMP, TIFF or PDF\)")
+    msg = _fails(p, r"not an image \(looks like text; expected PNG, JPEG, BMP, TIFF, WebP, GIF or PDF\)")
     assert msg.startswith("ecg-07.jpg: not an image")
 
 
@@ -168,3 +168,99 @@ def test_save_image_writes_the_suffix_format_atomically(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["card.jpg"]  # no temp file left
     with pytest.raises(InputError, match=r"card\.xyz: unknown image suffix"):
         save_image(_page(), tmp_path / "card.xyz")
+
+
+# ---------------------------------------------------------------- formats, shapes, every call site (issue 15)
+
+_EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 120 80\n%%EndComments\n"
+        b"newpath 0 40 moveto 120 40 lineto stroke showpage\n%%EOF\n")
+
+
+def test_postscript_named_png_is_refused_and_ghostscript_never_runs(tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    from rag_ecg.reader.report_render import thumbnail_data_url
+
+    bin_dir, marker = tmp_path / "bin", tmp_path / "gs-ran"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f'#!/bin/sh\necho "$@" >> {marker}\n[ "$1" = --version ] && exit 0\nexit 1\n')
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # Pillow looks for `gs` again, finds ours
+    p = tmp_path / "chart.png"
+    p.write_bytes(_EPS)
+    with pytest.raises(Exception), Image.open(p) as im:  # what an unrestricted Image.open does with it
+        im.load()
+    assert marker.exists()  # ... it ran Ghostscript on the user's file
+    marker.unlink()
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)
+    msg = _fails(p, "PostScript")
+    assert "not an allowed picture format" in msg
+    with pytest.raises(ImageLoadError, match="chart.png: .*PostScript"):
+        thumbnail_data_url(p)  # the report page's thumbnails use the same loader
+    assert not marker.exists()
+
+
+def test_data_url_pictures_are_restricted_too(tmp_path):
+    import base64
+
+    from rag_ecg.reader.messages import decode_data_url
+
+    with pytest.raises(ValueError, match="PostScript"):
+        decode_data_url("data:image/png;base64," + base64.b64encode(_EPS).decode())
+    arr = np.zeros((40, 60, 4), np.uint8)
+    arr[10:20, :, 3] = 255
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGBA").save(buf, "PNG")
+    im = np.asarray(decode_data_url("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()))
+    assert (im[0] == 255).all() and (im[15] == 0).all()  # transparent -> white paper, not black
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".webp"])
+def test_gif_and_webp_load(tmp_path, suffix):
+    p = tmp_path / f"ecg{suffix}"
+    if suffix == ".gif":  # an animated GIF: the first frame
+        _page().save(p, save_all=True, append_images=[Image.new("RGB", (120, 80), "black")])
+    else:
+        _page().save(p, lossless=True)
+    im = load_image(p)
+    assert im.mode == "RGB" and im.size == (120, 80)
+    assert min(im.getpixel((100, 70))) > 200 and im.getpixel((5, 5))[0] > 200
+
+
+def test_transparent_png_is_white_at_every_call_site(tmp_path):
+    import base64
+    import io
+
+    from rag_ecg.reader.interpret import _load_image
+    from rag_ecg.reader.report_render import thumbnail_data_url
+
+    arr = np.zeros((80, 120, 4), np.uint8)  # transparent black pixels, one opaque black band
+    arr[30:40, :, 3] = 255
+    p = tmp_path / "ecg.png"
+    Image.fromarray(arr, "RGBA").save(p)
+    url = thumbnail_data_url(p)
+    thumb = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+    for im in (np.asarray(load_image(p)), np.asarray(_load_image(p)), thumb):
+        assert (im[5] == 255).all() and (im[35] == 0).all()
+
+
+def test_exif_rotation_at_the_reader_call_site(tmp_path):
+    from rag_ecg.reader.interpret import _load_image
+
+    p = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _page().save(p, exif=exif, quality=95)
+    assert _load_image(p).size == (80, 120)
+
+
+def test_implausible_page_shapes_are_refused(tmp_path):
+    sliver = tmp_path / "sliver.png"
+    Image.new("1", (100, 640_000), 1).save(sliver)  # 64 Mpx: exactly at the pixel cap
+    msg = _fails(sliver, r"100x640000 is not the shape of an ECG page")
+    assert "aspect" in msg
+    tiny = tmp_path / "icon.png"
+    Image.new("RGB", (16, 16), "white").save(tiny)
+    _fails(tiny, r"16x16 is too small for an ECG page")

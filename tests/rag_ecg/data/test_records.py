@@ -10,8 +10,8 @@ import pytest
 import wfdb
 
 from rag_ecg.data.labels import ludb_superclasses
-from rag_ecg.data.records import (STANDARD_LEADS, RecordError, normalize_lead_name, ptbxl_record, read_ludb,
-                                  read_ptbxl_index, read_wfdb, validate)
+from rag_ecg.data.records import (MAX_HEADER_BYTES, MAX_SECONDS, STANDARD_LEADS, RecordError, normalize_lead_name,
+                                  ptbxl_record, read_ludb, read_ptbxl_index, read_wfdb, validate)
 
 
 def test_lead_name_normalisation():
@@ -167,3 +167,74 @@ def test_too_short(real_copy):
     rec.signal = rec.signal[:100]
     with pytest.raises(RecordError, match=r"only 1.00 s of signal"):
         validate(rec)
+
+
+# ------------------------------------------------------------------ resource limits and header paths
+
+def test_a_long_holter_record_is_read_up_to_max_seconds_only(real_copy):
+    # One hour of the real record (360 copies of its 10 s) behind a header that says so: only the first
+    # MAX_SECONDS are read (wfdb's sampto), as the same samples the whole file holds.
+    dat = real_copy.with_suffix(".dat")
+    one = dat.read_bytes()
+    dat.write_bytes(one * 360)
+
+    def hour(lines):
+        f = lines[0].split()
+        f[3] = str(1000 * 360)
+        return [" ".join(f)] + lines[1:]
+    _rewrite_header(real_copy, hour)
+    rec = read_wfdb(real_copy)
+    assert rec.signal.shape == (int(MAX_SECONDS * 100), 12) and rec.duration_s == MAX_SECONDS
+    assert rec.extra["seconds_in_file"] == 3600.0
+    assert np.array_equal(rec.signal[:1000], rec.signal[1000:2000])  # the 10 s repeat, as written
+
+
+def test_a_truncated_holter_is_still_refused(real_copy):
+    def hour(lines):
+        f = lines[0].split()
+        f[3] = str(1000 * 360)
+        return [" ".join(f)] + lines[1:]
+    _rewrite_header(real_copy, hour)
+    with pytest.raises(RecordError, match=r"00024_lr: header says 360000 samples but 00024_lr.dat holds 1000"):
+        read_wfdb(real_copy)
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../outside/00024_lr.dat", "sub/../../00024_lr.dat",
+                                  "..\\00024_lr.dat"])
+def test_a_header_cannot_name_a_file_outside_its_folder(tmp_path, ptbxl_dir, name):
+    # A real record one folder up, reachable by the crafted name: it must never be read.
+    src = ptbxl_dir / "records100" / "00024_lr"
+    (tmp_path / "outside").mkdir()
+    shutil.copy(src.with_suffix(".dat"), tmp_path / "outside" / "00024_lr.dat")
+    shutil.copy(src.with_suffix(".dat"), tmp_path / "00024_lr.dat")
+    folder = tmp_path / "in" / "sub"
+    folder.mkdir(parents=True)
+    lines = src.with_suffix(".hea").read_text().splitlines()
+    (folder / "evil.hea").write_text("\n".join(
+        ["evil 12 100 1000"] + [ln.replace("00024_lr.dat", name, 1) for ln in lines[1:13]]) + "\n")
+    with pytest.raises(RecordError) as err:
+        read_wfdb(folder / "evil")
+    assert str(err.value) == f"evil: evil.hea names a signal file outside its folder ({name!r})"
+
+
+def test_a_multi_segment_header_cannot_climb_out_either(tmp_path, real_copy):
+    (tmp_path / "multi.hea").write_text("multi/2 12 100 2000\n../x/00024_lr 1000\n00024_lr 1000\n")
+    with pytest.raises(RecordError) as err:
+        read_wfdb(tmp_path / "multi")
+    assert str(err.value) == "multi: multi.hea names a signal file outside its folder ('../x/00024_lr')"
+
+
+def test_header_limits_are_checked_before_any_signal_is_read(real_copy):
+    real_copy.with_suffix(".dat").unlink()  # had the signal been read, this would say "signal file missing"
+
+    def fast(lines):
+        f = lines[0].split()
+        f[2] = "1000000"
+        return [" ".join(f)] + lines[1:]
+    _rewrite_header(real_copy, fast)
+    with pytest.raises(RecordError, match=r"^00024_lr: sampling rate 1e\+06 Hz is outside 50-20000 Hz$"):
+        read_wfdb(real_copy)
+    hea = real_copy.with_suffix(".hea")
+    hea.write_text(hea.read_text() + "#" + "x" * MAX_HEADER_BYTES + "\n")
+    with pytest.raises(RecordError, match=r"^00024_lr: 00024_lr.hea is \d+ bytes, not a WFDB header"):
+        read_wfdb(real_copy)

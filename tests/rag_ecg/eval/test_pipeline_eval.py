@@ -6,6 +6,7 @@ import json
 
 import pytest
 from PIL import Image
+from sqlalchemy import select
 
 from rag_ecg.eval.pipeline import (EvalConfig, EvalError, LabelledChart, load_labelled, parse_folds, run_eval,
                                    score_reports)
@@ -95,3 +96,56 @@ def test_run_eval_end_to_end_and_resumes(tmp_path, ptbxl_dir, tiny_index, scratc
                      progress=False)  # the jobs are done: nothing is reviewed twice, same figures
     assert again["presets"] == res["presets"] | {p: {**res["presets"][p], "charts_per_s": 0.0}
                                                   for p in res["presets"]}
+
+
+def test_eval_counts_citations_before_the_drop_unparsed_answers_and_keeps_secrets_out(
+        tmp_path, ptbxl_dir, tiny_index, scratch_store):
+    """A real OpenAI-compatible server answers chart 1 with free text (twice: the answer and its retry) and
+    chart 2 with JSON citing every case of the store plus one that does not exist: citation validity is
+    what was cited before the check dropped anything, not 1.0 by construction."""
+    pytest.importorskip("openai")
+    from rag_ecg.data.store import Case
+    from tests.openai_server import OpenAITestServer
+    from tests.rag_ecg.reader.test_report import GOOD_JSON, answer
+
+    with scratch_store.session() as s:
+        all_ids = sorted(s.scalars(select(Case.id)))
+    reply = json.loads(json.dumps(GOOD_JSON))
+    for part in [reply["rhythm"]] + reply["findings"] + reply["diagnoses"] + [reply["impression"]]:
+        part["cited"] = []
+    reply["findings"][0]["text"] = "Left axis deviation"
+    reply["diagnoses"][0]["cited"] = all_ids
+    reply["impression"]["cited"] = [987654]
+    labelled = load_labelled(ptbxl_dir, "val", limit=2)
+    with OpenAITestServer(replies=["no JSON here", "still no JSON", answer(reply)]) as srv:
+        base_url = srv.url.replace("http://", "http://bob:p4ss-w0rd-xyz@")
+        cfg = EvalConfig(presets=["clean"], workers=1, backend="vllm",
+                         backend_options={"base_url": base_url, "api_key": "sk-secret-4711", "max_retries": 0})
+        res = run_eval(labelled, tmp_path / "ev", scratch_store, tiny_index["index"], cfg, progress=False)
+    m = res["presets"]["clean"]
+    rows = [json.loads(line) for line in (tmp_path / "ev" / "clean" / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["status"] for r in rows) == ["done", "unparsed"]
+    done = next(r for r in rows if r["status"] == "done")
+    retrieved = {n["case_id"] for n in done["neighbours"]}
+    assert len(retrieved) == 8 and retrieved <= set(all_ids)
+    assert m["unparsed"] == 1 and m["charts"] == 2 and m["errors"] == 0
+    assert m["citations"] == len(all_ids) + 1 and m["citations_unknown"] == len(all_ids) + 1 - 8
+    assert m["statements_dropped"] == 2  # the diagnosis and the impression
+    assert m["citations_valid"] == pytest.approx(8 / (len(all_ids) + 1)) and m["citations_valid"] < 1.0
+    for p in (tmp_path / "ev").rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            assert b"sk-secret-4711" not in data and b"p4ss-w0rd-xyz" not in data, p
+    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert saved["config"]["backend_options"] == {"base_url": base_url.replace("p4ss-w0rd-xyz", "***"),
+                                                  "api_key": "***", "max_retries": 0}
+
+
+def test_citation_validity_counts_the_statements_the_check_dropped():
+    truth = [LabelledChart("a.hea", "a", ["NORM"])]
+    rep = _report([{"superclass": "NORM", "confidence": 0.9, "cited": [1, 2]}], {"NORM": .9}, [1, 2, 3])
+    rep["dropped_citations"] = [{"where": "impression", "text": "as in [case 9]", "cited": [3, 9], "unknown": [9]},
+                                {"where": "findings[0]", "text": "x", "cited": [7, 8], "unknown": [7, 8]}]
+    m = score_reports([rep], truth, CODE_SUP)
+    assert (m["citations"], m["citations_unknown"], m["statements_dropped"]) == (6, 3, 2)
+    assert m["citations_valid"] == pytest.approx(3 / 6)

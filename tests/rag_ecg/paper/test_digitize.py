@@ -129,3 +129,12 @@ def test_digitiser_keeps_opencv_single_threaded():
     import rag_ecg.paper.digitize  # noqa: F401
 
     assert cv2.getNumThreads() == 1
+
+
+def test_tall_slivers_are_refused_before_the_digitiser_upscales_them():
+    """A 100x640,000 sliver would be scaled to 1600 px wide (~49 GB): the working size is capped first."""
+    with pytest.raises(DigitizeError, match=r"page is 10x120 .*taller than"):
+        digitize(np.full((120, 10, 3), 255, np.uint8))  # 12:1: would work on a 1600x19200 page
+    sliver = np.broadcast_to(np.full((1, 1, 3), 255, np.uint8), (640_000, 100, 3))  # no memory behind it
+    with pytest.raises(DigitizeError, match=r"page is 100x640000"):
+        digitize(sliver)

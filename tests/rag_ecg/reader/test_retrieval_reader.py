@@ -98,3 +98,21 @@ def test_backend_from_yaml_config(tmp_path, ptbxl_dir):
     cfg.write_text("backend: vllm\noptions:\n  base_url: http://127.0.0.1:9/v1\n  temprature: 0\n")
     with pytest.raises(BackendError, match=r"reader.yaml: unknown option\(s\) temprature for backend 'vllm'"):
         backend_from_config(cfg)
+
+
+def test_citations_of_near_tied_neighbours_do_not_depend_on_their_order_or_float_noise(ptbxl_dir):
+    """Scores equal to 1e-5 (what other torch thread settings leave of a tie) cite in case-id order, and the
+    report does not change with the order the neighbours arrive in."""
+    ev = ptbxl_evidence(ptbxl_dir, NORMAL_IDS)
+    for n, noise in zip(ev.neighbours, (3e-7, -2e-7, 1e-7, 0.0, -3e-7, 2e-7)):
+        n.score = 0.9 + noise  # all six tied at 1e-5
+    forward = RetrievalBackend().compose(ev)
+    ev.neighbours.reverse()
+    for n, noise in zip(ev.neighbours, (-1e-7, 2e-7, 3e-7, -3e-7, 0.0, 1e-7)):
+        n.score = 0.9 + noise  # the same tie, other noise
+    backward = RetrievalBackend().compose(ev)
+    composed = lambda r: {k: v for k, v in r.to_dict().items() if k != "retrieval"}  # noqa: E731 (evidence as given)
+    assert composed(forward) == composed(backward)
+    norm = next(d for d in forward.diagnoses if d.superclass == "NORM" and d.code is None)
+    assert norm.cited == [1000, 1001, 1002, 1003]
+    assert forward.impression.cited == [1000, 1001, 1002]  # the most similar: the tie cut by case id

@@ -123,3 +123,17 @@ def test_unreachable_server_names_the_url(evidence):
     with pytest.raises(BackendError, match=rf"vLLM server at http://127\.0\.0\.1:{port}/v1: list models failed "
                                            r"after 2 attempt\(s\): unreachable"):
         be.generate(build_messages(evidence, None), [])
+
+
+def test_errors_name_the_server_without_its_password(evidence):
+    """A base_url with user:password (a proxy in front of vLLM) is used as given, named with *** instead."""
+    with OpenAITestServer() as srv:
+        url = srv.url.replace("http://", "http://alice:p4ss-w0rd@")
+        for status, what in ((500, "generate failed after 1 attempt"), (400, "rejected the request")):
+            srv.always_status = status
+            be = get_backend("vllm", base_url=url, api_key="sk-secret", model="tiny-llava", max_retries=0)
+            with pytest.raises(BackendError) as err:
+                be.generate(build_messages(evidence, None), [])
+            assert what in str(err.value) and "alice:***@127.0.0.1" in str(err.value)
+            assert "p4ss-w0rd" not in str(err.value) and "sk-secret" not in str(err.value)
+    assert srv.requests  # the server was reached through the URL with credentials

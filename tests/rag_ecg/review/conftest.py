@@ -43,6 +43,7 @@ BAD = {  # chart key -> what its one-line error must say
     "bad/gradient.png": "not an ECG",
     "bad/04178_lr.hea": "truncated",
     "bad/broken.pdf": "unreadable PDF",
+    "notes.txt": "notes.txt: not an ECG picture or WFDB record: .txt",  # every file of the folder gets a row
 }
 GOOD_KEYS = sorted([g[0] for g in GOOD] + [f"{GOOD_WFDB[0]}/{GOOD_WFDB[1]}.hea"])
 ALL_KEYS = sorted(GOOD_KEYS + list(BAD))
@@ -74,7 +75,7 @@ def make_charts(folder: Path, ptbxl_dir: Path) -> None:
     dat = (recs / "04178_lr.dat").read_bytes()
     (bad / "04178_lr.dat").write_bytes(dat[: len(dat) // 2])
     (bad / "broken.pdf").write_bytes(b"%PDF-1.4\n1 0 obj garbage\n")
-    (folder / "notes.txt").write_text("not a chart: ignored by discovery\n")
+    (folder / "notes.txt").write_text("not a chart: an error row, never opened\n")
 
 
 def copy_db(src_url: str, dst: Path) -> str:

@@ -55,8 +55,8 @@ def alive(pid: int) -> bool:
 def test_batch_records_the_right_status_for_every_chart(uninterrupted):
     s, out = uninterrupted["summary"], uninterrupted["out"]
     rows = rows_of(out)
-    assert sorted(rows) == ALL_KEYS  # notes.txt and the .dat files are not charts
-    assert (s["total"], s["done"], s["error"], s["pending"], s["processed"]) == (13, 7, 6, 0, 13)
+    assert sorted(rows) == ALL_KEYS  # the .dat files belong to their records; notes.txt is an error row
+    assert (s["total"], s["done"], s["error"], s["pending"], s["processed"]) == (14, 7, 7, 0, 13)
     for key, phrase in BAD.items():
         err = rows[key]["error"]
         assert rows[key]["status"] == "error" and phrase in err, (key, err)
@@ -94,7 +94,7 @@ def test_outputs_are_complete_and_consistent(uninterrupted):
         assert all(f"case-{n['case_id']}.jpg" in thumbs for n in jl[key]["neighbours"])
     assert f"chart-{items['bad/gradient.png'].id}.jpg" in thumbs  # loaded fine, then judged not an ECG
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"] == {"done": 7, "error": 6, "pending": 0} and manifest["versions"]["rag_ecg"]
+    assert manifest["counts"] == {"done": 7, "unparsed": 0, "error": 7, "pending": 0} and manifest["versions"]["rag_ecg"]
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
     db.dispose()
 
@@ -106,7 +106,7 @@ def test_rerun_resumes_the_finished_job_without_redoing_anything(review_env, uni
     before = rows_of(uninterrupted["out"])
     s = review(review_env["charts"], tmp_path / "out2", store=url, index_dir=review_env["index"], workers=1,
                batch_size=BATCH, progress=False)
-    assert s.resumed and s.processed == 0 and (s.done, s.error, s.total) == (7, 6, 13)
+    assert s.resumed and s.processed == 0 and (s.done, s.error, s.total) == (7, 7, 14)
     assert s.key == uninterrupted["summary"]["key"]
     after = rows_of(tmp_path / "out2")  # outputs regenerated into the new folder, thumbnails re-made
     assert {k: comparable(v) for k, v in after.items()} == {k: comparable(v) for k, v in before.items()}
@@ -146,16 +146,17 @@ def test_killed_run_resumes_to_the_same_results(review_env, uninterrupted, tmp_p
         items = list(s.query(ReviewItem))
         assert s.query(ReviewJob).count() == 1
     finished = [i for i in items if i.status != "pending"]
-    assert len(items) == 13 and BATCH <= len(finished) < 13  # nothing lost, some work kept
+    assert len(items) == 14 and BATCH <= len(finished) < 14  # nothing lost, some work kept
     assert all(i.finished_at is not None for i in finished)
     assert all(i.report is None and i.neighbours is None for i in items if i.status == "pending")
 
     s2 = review(review_env["charts"], out, store=store, index_dir=review_env["index"], workers=2,
                 batch_size=BATCH, progress=False)
-    assert s2.resumed and s2.processed == 13 - len(finished) and (s2.done, s2.error, s2.pending) == (7, 6, 0)
+    assert s2.resumed and s2.processed == 14 - len(finished) and (s2.done, s2.error, s2.pending) == (7, 7, 0)
     with store.session() as s:
-        assert s.query(ReviewItem).count() == 13  # no duplicates
+        assert s.query(ReviewItem).count() == 14  # no duplicates
         attempts = {i.chart_key: i.attempts for i in s.query(ReviewItem)}
+    assert attempts.pop("notes.txt") == 0  # not a chart: never loaded
     assert max(attempts.values()) <= 2 and min(attempts.values()) == 1
     resumed, clean = rows_of(out), rows_of(uninterrupted["out"])
     assert {k: comparable(v) for k, v in resumed.items()} == {k: comparable(v) for k, v in clean.items()}
@@ -286,4 +287,91 @@ def test_item_row_flattens_a_report(uninterrupted):
     assert row["chart"] == "good/page.png" and row["status"] == "done"
     assert row["diagnoses"] == sorted(row["diagnoses"], key=lambda d: -d["confidence"])
     assert row["timings"]["total"] == pytest.approx(sum(row["timings"][k] for k in ("load", "embed", "search", "report")))
+    store.dispose()
+
+
+# ---------------------------------------------------------------- every file of the input folder (issue 15)
+
+def _awkward_folder(tmp_path: Path, review_env) -> tuple[Path, dict[str, str]]:
+    """A folder as people have them: supported pictures, other files, WFDB companions, hidden files, links
+    in and out, a pipe, a file name that is not UTF-8. Returns (folder, rejected key -> phrase of its error)."""
+    charts = Path(review_env["charts"])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes((charts / "good/page.png").read_bytes())  # a valid chart elsewhere
+    root = tmp_path / "in"
+    (root / "rec").mkdir(parents=True)
+    (root / "page.png").write_bytes((charts / "good/page.png").read_bytes())
+    from PIL import Image
+    with Image.open(charts / "good/page.png") as im:
+        im.convert("RGB").save(root / "page.gif")
+    for ext in (".hea", ".dat"):
+        (root / "rec" / f"04385_lr{ext}").write_bytes((charts / f"good/wfdb/04385_lr{ext}").read_bytes())
+    (root / "rec" / "04385_lr.atr").write_bytes(b"\x00\x00")  # an annotation companion: part of the record
+    (root / "letter.docx").write_bytes(b"PK\x03\x04 not really a document")
+    (root / "README").write_text("what these charts are\n")
+    (root / ".DS_Store").write_bytes(b"\x00")  # hidden: not a user file
+    (root / "link-in.png").symlink_to(root / "page.png")
+    (root / "link-out.png").symlink_to(outside / "secret.png")
+    (root / "linked-folder").symlink_to(outside, target_is_directory=True)
+    (root / "broken.png").symlink_to(root / "gone.png")
+    os.mkfifo(root / "pipe.png")
+    fd = os.open(os.fsencode(root) + b"/caf\xe9.png", os.O_WRONLY | os.O_CREAT, 0o644)  # Latin-1 name
+    os.write(fd, (charts / "good/page.png").read_bytes())
+    os.close(fd)
+    (root / "out").mkdir()  # the output folder inside the input: never an input
+    (root / "out" / "results.csv").write_text("chart\n")
+    rejected = {"letter.docx": "not an ECG picture or WFDB record: .docx",
+                "README": "not an ECG picture or WFDB record: no file suffix",
+                "link-out.png": "a link to outside the input folder",
+                "linked-folder": "a link to outside the input folder",
+                "broken.png": "a broken link",
+                "pipe.png": "not a regular file",
+                "caf\\xe9.png": "file name is not valid UTF-8"}
+    return root, rejected
+
+
+def test_folder_discovery_lists_every_file_and_never_follows_links_out(review_env, tmp_path):
+    root, rejected = _awkward_folder(tmp_path, review_env)
+    desc, charts = discover(root, out_dir=root / "out")
+    by = {c.key: c for c in charts}
+    assert sorted(by) == sorted(["page.png", "page.gif", "rec/04385_lr.hea", "link-in.png", *rejected])
+    for key, phrase in rejected.items():
+        assert by[key].error and phrase in by[key].error and by[key].error.startswith(key + ":"), by[key]
+        assert "\n" not in by[key].error and str(tmp_path / "outside") not in by[key].error
+    assert by["link-in.png"].error is None and Path(by["link-in.png"].path) == (root / "page.png").resolve()
+    assert all(c.error is None for k, c in by.items() if k not in rejected)
+    assert all(str(tmp_path / "outside") not in c.path for c in charts)  # nothing outside is ever named to read
+    only_docs = tmp_path / "docs"
+    only_docs.mkdir()
+    (only_docs / "letter.docx").write_bytes(b"PK")
+    with pytest.raises(ReviewError, match=r"docs: no charts found .*letter.docx: not an ECG picture"):
+        discover(only_docs)
+
+
+def test_awkward_folder_review_gives_every_file_a_row_and_reads_nothing_outside(review_env, tmp_path):
+    root, rejected = _awkward_folder(tmp_path, review_env)
+    out = root / "out"
+    url = fresh_store(review_env, tmp_path / "db")
+    s = review(root, out, store=url, index_dir=review_env["index"], workers=1, batch_size=BATCH, progress=False)
+    rows = rows_of(out)
+    assert sorted(rows) == sorted(["page.png", "page.gif", "rec/04385_lr.hea", "link-in.png", *rejected])
+    for key, phrase in rejected.items():
+        assert rows[key]["status"] == "error" and phrase in rows[key]["error"], rows[key]
+    for key in ("page.png", "page.gif", "rec/04385_lr.hea", "link-in.png"):
+        assert "embed" in rows[key]["timings"], rows[key]  # loaded and looked at: no format refusal
+    store = open_store(url)
+    with store.session() as ses:
+        ids = {i.chart_key: i.id for i in ses.query(ReviewItem)}
+    thumbs = {p.name for p in (out / "thumbs").glob("chart-*.jpg")}
+    assert thumbs == {f"chart-{ids[k]}.jpg" for k in ("page.png", "page.gif", "rec/04385_lr.hea", "link-in.png")}
+    assert "caf\\xe9.png" in (out / "results.csv").read_text() and "secret" not in (out / "index.html").read_text()
+
+    # the same command again, retrying errors: the same job, the rejected files are still never read
+    s2 = review(root, out, store=store, index_dir=review_env["index"], workers=1, batch_size=BATCH,
+                progress=False, retry_errors=True)
+    assert s2.key == s.key and s2.resumed and s2.total == s.total == len(rows)
+    again = rows_of(out)
+    assert {k: again[k]["error"] for k in rejected} == {k: rows[k]["error"] for k in rejected}
+    assert {p.name for p in (out / "thumbs").glob("chart-*.jpg")} == thumbs
     store.dispose()

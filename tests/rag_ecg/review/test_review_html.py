@@ -116,12 +116,19 @@ def test_page_escapes_text_and_draws_the_summary():
                             "cited": [5]}], "top_diagnosis": "NORM", "top_confidence": 0.9,
              "impression": "Like [case 5] </script>", "rhythm": None, "findings": [],
              "neighbours": [{"case_id": 5, "score": 0.93, "labels": ["NORM"], "thumb": "thumbs/case-5.jpg"}],
-             "timings": {"total": 0.2}, "thumb": "thumbs/chart-2.jpg"}]
-    summary = {"by_status": {"done": 1, "error": 1, "pending": 0}, "by_superclass": {"NORM": 1},
-               "confidence": [0.9], "total": 3}
+             "timings": {"total": 0.2}, "thumb": "thumbs/chart-2.jpg",
+             "dropped_citations": [{"where": "impression", "text": "as in <b>[case 77]</b>", "unknown": [77]}]},
+            {"id": 3, "chart": "d.png", "path": "/x/d.png", "status": "unparsed", "error": "d.png: not a report",
+             "raw_answer": "Sinus <script>alert(1)</script>", "diagnoses": [], "neighbours": [],
+             "timings": {"total": 0.3}, "thumb": None, "top_confidence": None}]
+    summary = {"by_status": {"done": 1, "unparsed": 1, "error": 1, "pending": 0}, "by_superclass": {"NORM": 1},
+               "confidence": [0.9], "total": 4}
     html = render_page(job, summary, rows)
     assert "<script>" not in html.split("<body>")[1].split("<script")[0]  # user text never becomes markup
     assert "a&lt;b&gt;.png" in html and "&lt;/script&gt;" in html
-    assert html.count('class="chart-row"') == 2 and "Showing the first 2 of 3 charts" in html
+    assert html.count('class="chart-row"') == 3 and "Showing the first 3 of 4 charts" in html
+    assert '<div class="count unparsed"><b>1</b>unparsed</div>' in html and 'data-status="unparsed"' in html
+    assert "Sinus &lt;script&gt;alert(1)&lt;/script&gt;" in html  # the raw answer, shown as text
+    assert "1 statement(s) dropped" in html and "impression: as in &lt;b&gt;[case 77]&lt;/b&gt; — case(s) 77" in html
     assert 'data-count="1"' in histogram_svg([0.9]) and histogram_svg([0.0, 1.0]).count('data-count="1"') == 2
     assert 'id="superclass-chart"' in html and 'id="confidence-histogram"' in html

@@ -29,7 +29,7 @@ def test_job_rows_on_sqlite_and_postgresql(store_url, tmp_path):
         ChartResult(batches[0][0][0], "done", None, {"load": 0.1, "embed": 0.01, "search": 0.01, "report": 0.001},
                     report, [{"case_id": 3, "score": 0.9, "labels": ["NORM"]}]),
         ChartResult(batches[0][1][0], "error", "c1.png: empty file", {"load": 0.01})])
-    assert status_counts(store, job) == {"pending": 3, "done": 1, "error": 1}
+    assert status_counts(store, job) == {"pending": 3, "done": 1, "unparsed": 0, "error": 1}
     # c2 and c3 were being processed by a run that died twice: given up at the next start
     assert start_attempts(store, batches[1], 2) == [] and start_attempts(store, batches[1], 2) == []
     gave_up = start_attempts(store, batches[1], 2)

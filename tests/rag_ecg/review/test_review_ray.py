@@ -1,7 +1,9 @@
 """The Ray Data engine on a local Ray instance gives the local engine's results.
 
-"The same" up to float32 rounding of similarities (see conftest.assert_close): Ray actors start torch
-with one thread, and oneDNN then picks kernels whose sums round differently in the last bit.
+"The same": Ray actors start torch with one thread, and oneDNN then picks kernels whose sums round
+differently in the last bit; neighbours rank by similarity rounded to 1e-5, then case id
+(`rag_ecg.search.evidence.rank_hits`), so that noise cannot reorder neighbours or citations (it did on a
+fresh machine), and scores compare within 1e-4 (conftest.assert_close).
 
 Ray is an optional extra (`ray[data]`); the test is skipped when it is not installed, unless
 RAG_ECG_REQUIRE_RAY=1.
@@ -34,7 +36,7 @@ def test_ray_engine_matches_the_local_engine(local_ray, review_env, uninterrupte
     url = fresh_store(review_env, tmp_path)
     s = review(review_env["charts"], tmp_path / "out", store=url, index_dir=review_env["index"], engine="ray",
                workers=1, batch_size=BATCH, progress=False)  # one actor per stage: quick to start on 2 cores
-    assert (s.total, s.done, s.error, s.pending, s.processed) == (13, 7, 6, 0, 13)
+    assert (s.total, s.done, s.error, s.pending, s.processed) == (14, 7, 7, 0, 13)
     assert s.key == uninterrupted["summary"]["key"]  # the engine does not change results: same job
     ray_rows, local_rows = rows_of(tmp_path / "out"), rows_of(uninterrupted["out"])
     assert sorted(ray_rows) == ALL_KEYS
@@ -46,7 +48,9 @@ def test_ray_engine_matches_the_local_engine(local_ray, review_env, uninterrupte
     with store.session() as ses:
         items = {i.chart_key: i for i in ses.query(ReviewItem)}
     assert all(f"chart-{items[k].id}.jpg" in thumbs for k in ALL_KEYS if ray_rows[k]["status"] == "done")
-    assert all(i.attempts == 1 for i in items.values())
+    never_loaded = {k for k, i in items.items() if i.attempts == 0}
+    assert never_loaded == {"notes.txt"}  # refused at discovery (not a picture or record): never loaded
+    assert all(i.attempts == 1 for k, i in items.items() if k not in never_loaded)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["job"]["settings"]["review"]["engine"] == "ray"
     store.dispose()
