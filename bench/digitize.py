@@ -3,8 +3,9 @@
 Why: the trace encoder sees an ECG only through the digitiser, so its read quality bounds retrieval on
 scanned and photographed charts. Pages are real PTB-XL fold-9 records drawn by the renderer (random
 layout, speed, gain and grid colour for `random`; the default 3x4 + II page otherwise), so the truth is
-known: per page we score the layout read, refusals, and the per-lead correlation between the read traces
-and the recorded signal in the same layout (`digitize.canonicalize`), best within ±30 ms. The baseline,
+known: per page we score the layout read, refusals, and the agreement of the read traces with the recorded
+signal in the same layout (`digitize.canonicalize`): the per-lead correlation, best within ±30 ms, averaged
+over the 12 leads the page prints — a lead the read misses counts 0 (`digitize.agreement`). The baseline,
 measured in the same run on the same pages, is the cost of drawing them: digitising should not cost much
 more than rendering (both run once per page in training and indexing).
 

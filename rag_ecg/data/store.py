@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
-                        create_engine, event, func, select)
+                        create_engine, event, func, inspect, select)
+from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from rag_ecg import paths
@@ -114,6 +115,10 @@ class ReviewJob(Base):
     status: Mapped[str] = mapped_column(String(16), default="running")  # running | done
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # the lease of the run processing the job ("host:pid:token"), taken and renewed in one UPDATE each
+    locked_by: Mapped[str | None] = mapped_column(String(255))
+    locked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class ReviewItem(Base):
@@ -133,6 +138,7 @@ class ReviewItem(Base):
     neighbours: Mapped[list | None] = mapped_column(JSON)  # [{"case_id": .., "score": ..}, ...]
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    fingerprint: Mapped[str | None] = mapped_column(String(255))  # the file's identity: replaced -> redone
 
 
 def default_db_url() -> str:
@@ -150,6 +156,7 @@ class Store:
         self.url = url
         self.engine: Engine = _make_engine(url, echo)
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -180,6 +187,27 @@ class Store:
     def safe_url(self) -> str:
         """The URL with its password hidden: what may be printed, logged or written."""
         return mask_url(self.url)
+
+
+# Columns added after a table was first released: a database made before gets them on open (all nullable,
+# so ALTER TABLE ... ADD COLUMN is safe on SQLite and PostgreSQL and leaves existing rows as they were).
+ADDED_COLUMNS = {"review_jobs": ("locked_by", "locked_at", "lease_until"), "review_items": ("fingerprint",)}
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    for table, names in ADDED_COLUMNS.items():
+        have = {c["name"] for c in inspect(engine).get_columns(table)}
+        for name in names:
+            if name in have:
+                continue
+            col = Base.metadata.tables[table].c[name]
+            ddl = f"ALTER TABLE {table} ADD COLUMN {name} {col.type.compile(dialect=engine.dialect)}"
+            try:
+                with engine.begin() as conn:
+                    conn.execute(sql_text(ddl))
+            except DBAPIError:  # another process added it at the same moment
+                if name not in {c["name"] for c in inspect(engine).get_columns(table)}:
+                    raise
 
 
 def _make_engine(url: str, echo: bool) -> Engine:

@@ -29,6 +29,7 @@ import numpy as np
 from rag_ecg.data.records import STANDARD_LEADS
 from rag_ecg.errors import InputError
 from rag_ecg.paper.layout import LEAD_ROWS
+from rag_ecg.paper.orientation import row_skew
 
 # One OpenCV thread (as in drawing.py): pages are digitised in the embedding process between forks of
 # render workers, and an OpenCV thread pool alive at a fork deadlocks the children (seen: index build).
@@ -61,16 +62,44 @@ class Digitized:
     angle: float  # deskew rotation applied, degrees
     rows: list[float] = field(default_factory=list)  # trace row baselines, working-resolution pixels
     x_range: tuple[int, int] = (0, 0)  # median trace start and end column, working-resolution pixels
+    turns: int = 0  # quarter turns (counter-clockwise) applied before reading: 1 or 3 = scanned sideways
+    skew: float = 0.0  # median skewness of the rows' traces: > 0 when the QRS spikes point up (orientation)
 
 
 # ---------------------------------------------------------------- public
 
 
 def digitize(page: np.ndarray, rhythm_lead: str = "II") -> Digitized:
-    """(H, W, 3) uint8 RGB page -> Digitized. Raises DigitizeError if no trace rows are found."""
+    """(H, W, 3) uint8 RGB page -> Digitized. Raises DigitizeError if no trace rows are found.
+
+    A page scanned sideways is refused upright, then read both quarter turns (90°, 270°), keeping the read whose
+    traces skew upward (`orientation.row_skew`). Upright pages are read exactly as before (one read), so a
+    sideways page costs only pages that would have been refused; a page upside down is read as it lies."""
     if page.ndim != 3 or page.shape[2] != 3 or page.dtype != np.uint8:
         raise InputError(f"digitize expects an (H, W, 3) uint8 RGB page, got {page.dtype} {page.shape}")
-    ink = ink_map(_resize(page))
+    try:
+        return _read(_resize(page), rhythm_lead, 0)
+    except DigitizeError as exc:
+        upright_error = exc  # its reason names what was wrong with the page as given
+    reads = []
+    for turns in (1, 3):
+        try:
+            reads.append(_read(_resize(_turn(page, turns)), rhythm_lead, turns))
+        except DigitizeError:
+            continue
+    if not reads:
+        raise upright_error
+    return max(reads, key=lambda r: r.skew)
+
+
+def _turn(page: np.ndarray, turns: int) -> np.ndarray:
+    """The page turned `turns` quarter turns counter-clockwise (contiguous, as OpenCV wants it)."""
+    return np.ascontiguousarray(np.rot90(page, turns % 4)) if turns % 4 else page
+
+
+def _read(work: np.ndarray, rhythm_lead: str, turns: int) -> Digitized:
+    """`digitize` of a page already turned the right way round (bar the deskew angle) and `_resize`d."""
+    ink = ink_map(work)
     angle = deskew_angle(ink)
     if abs(angle) > 0.05:
         ink = _rotate(ink, angle)
@@ -87,7 +116,9 @@ def digitize(page: np.ndarray, rhythm_lead: str = "II") -> Digitized:
                             "the line; pen traces are continuous)")
     rows_10s = [_resample(t, N_SAMPLES) for t, _ in followed]
     signal, mask = _lay_out(layout, rhythm_lead, lambda row, lead: rows_10s[row])
-    return Digitized(signal, mask, layout, float(angle), [float(y) for y in rows], (int(x0), int(x1)))
+    skew = row_skew(signal, [[_LEAD_INDEX[ld] for ld in leads] for leads in _row_leads(layout, rhythm_lead)])
+    return Digitized(signal, mask, layout, float(angle), [float(y) for y in rows], (int(x0), int(x1)),
+                     turns % 4, skew)
 
 
 def canonicalize(signal_mv: np.ndarray, fs: float, layout: str = "12x1", rhythm_lead: str = "II",
@@ -127,18 +158,22 @@ def _lay_out(layout: str, rhythm_lead: str, source) -> tuple[np.ndarray, np.ndar
 
 def agreement(read: Digitized, truth: np.ndarray, truth_mask: np.ndarray, max_lag: int = 3) -> float:
     """How well a read follows the recorded signal (`canonicalize` of it in the page's layout): the mean over
-    leads of the correlation where both are printed, best within ±`max_lag` samples (±30 ms at FS) — a
-    digitiser's time axis is good to a pixel or two, and one QRS sample off ruins a plain correlation."""
+    the leads the page prints of the correlation where both are printed, best within ±`max_lag` samples
+    (±30 ms at FS) — a digitiser's time axis is good to a pixel or two, and one QRS sample off ruins a plain
+    correlation. A printed lead the read misses (or overlaps by 50 samples or fewer) counts 0, so a read that
+    keeps one clean lead scores below a full read: the score measures coverage as well as fidelity."""
     cors = []
     for lead in range(truth.shape[0]):
+        printed = truth_mask[lead]
+        if printed.sum() <= 50 or truth[lead][printed].std() == 0:
+            continue  # the page does not print this lead: no read could follow it
         best = []
         for lag in range(-max_lag, max_lag + 1):
             sig, mask = np.roll(read.signal[lead], lag), np.roll(read.mask[lead], lag)
-            m = mask & truth_mask[lead]
+            m = mask & printed
             if m.sum() > 50 and truth[lead][m].std() > 0 and sig[m].std() > 0:
                 best.append(np.corrcoef(truth[lead][m], sig[m])[0, 1])
-        if best:
-            cors.append(max(best))
+        cors.append(max(best) if best else 0.0)
     return float(np.mean(cors)) if cors else 0.0
 
 

@@ -1,7 +1,8 @@
 """What a review reads: a folder, a CSV list or a store query of charts -> charts in a stable order.
 
 Each chart gets a key that is stable across runs (its relative path, or `case:<id>`), so a re-run of the
-same command finds the same job and the same items. A folder is the untrusted edge: every file in it gets a
+same command finds the same job and the same items, and a fingerprint of its file (size + mtime_ns), so a
+file replaced at the same path is reviewed again. A folder is the untrusted edge: every file in it gets a
 row, and what is not a chart (another file type, a link out of the folder, a pipe, a name that is not UTF-8)
 is a chart with `error` set, recorded as an error row and never opened.
 """
@@ -31,6 +32,27 @@ class Chart:
     path: str  # image/PDF file, WFDB record path without extension, or a store case's signal path
     kind: str  # image | wfdb | case
     error: str | None = None  # set: not a chart (one line naming it); recorded as an error, never read
+    fingerprint: str | None = None  # the file's content identity (`fingerprint`): a replaced file is redone
+
+
+def fingerprint(kind: str, path: str) -> str | None:
+    """`size:mtime_ns` of a chart's file(s) (a WFDB record: its .hea and its other files), None if unreadable.
+
+    Why not a content hash: a resume would then read every byte of the input (10^5 charts: tens of GB) just
+    to find nothing to do, while any write, copy or replace of a file sets a new mtime_ns (nanoseconds) and
+    usually a new size; only a same-size replacement that also copies the old file's exact mtime_ns would be
+    missed. A file merely touched is reviewed again, which costs one chart and changes nothing."""
+    p = Path(path)
+    parts = sorted(p.parent.glob(f"{glob.escape(p.name)}.*")) if kind == "wfdb" else [p]
+    try:
+        stats = [(q.name, os.stat(q)) for q in parts]
+    except OSError:
+        return None
+    if not stats:
+        return None
+    if len(stats) == 1:
+        return f"{stats[0][1].st_size}:{stats[0][1].st_mtime_ns}"
+    return ";".join(f"{name}={st.st_size}:{st.st_mtime_ns}" for name, st in stats)[:255]
 
 
 def chart_kind(key: str) -> str:
@@ -138,12 +160,12 @@ def _folder_chart(root: Path, p: Path, suffix: str) -> Chart:
     if not stat.S_ISREG(st.st_mode):
         return _rejected(root, p, "not a regular file (a pipe, socket or device)")
     if suffix in IMAGE_SUFFIXES:
-        return Chart(rel, str(real), "image")
+        return Chart(rel, str(real), "image", fingerprint=fingerprint("image", str(real)))
     if suffix == ".hea":
         for part in sorted(p.parent.glob(f"{glob.escape(p.stem)}.*")):  # its .dat etc. must not lead outside
             if part.is_symlink() and not _inside(root, part):
                 return _rejected(root, p, f"its file {part.name} is a link to outside the input folder")
-        return Chart(rel, str(real.with_suffix("")), "wfdb")
+        return Chart(rel, str(real.with_suffix("")), "wfdb", fingerprint=fingerprint("wfdb", str(real.with_suffix(""))))
     return _rejected(root, p, f"not an ECG picture or WFDB record: {suffix or 'no file suffix'}")
 
 
@@ -181,9 +203,10 @@ def _discover_csv(path: Path) -> list[Chart]:
             continue
         seen.add(key)
         if is_wfdb:
-            charts.append(Chart(key, str(p.with_suffix("") if p.suffix.lower() == ".hea" else p), "wfdb"))
+            rec = str(p.with_suffix("") if p.suffix.lower() == ".hea" else p)
+            charts.append(Chart(key, rec, "wfdb", fingerprint=fingerprint("wfdb", rec)))
         else:
-            charts.append(Chart(key, str(p), "image"))
+            charts.append(Chart(key, str(p), "image", fingerprint=fingerprint("image", str(p))))
     return charts
 
 

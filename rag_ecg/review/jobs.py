@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
+import logging
+import os
+import socket
+import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -16,9 +20,11 @@ from sqlalchemy.exc import IntegrityError
 
 from rag_ecg.data.store import Case, ReviewItem, ReviewJob, Store
 from rag_ecg.io import atomic_write
-from rag_ecg.review.config import STATUSES, THUMBS, ReviewConfig
+from rag_ecg.review.config import STATUSES, THUMBS, ReviewConfig, ReviewError
 from rag_ecg.review.inputs import Chart
 from rag_ecg.review.pipeline import ChartResult
+
+log = logging.getLogger(__name__)
 
 
 def job_key(descriptor: str, cfg: ReviewConfig, index: dict) -> str:
@@ -47,15 +53,30 @@ def open_job(store: Store, key: str, descriptor: str, out_dir: Path, settings: d
 
 
 def add_items(store: Store, job_id: int, charts: Sequence[Chart], chunk: int = 1000) -> int:
-    """Insert the charts the job does not hold yet (pending); returns how many were added."""
+    """Insert the charts the job does not hold yet (pending); returns how many were added. A chart whose file
+    was replaced since (another fingerprint) has its row reset to pending: the old result is superseded."""
     with store.session() as s:
-        have = set(s.scalars(select(ReviewItem.chart_key).where(ReviewItem.job_id == job_id)))
+        have = {key: (item_id, fp) for item_id, key, fp in s.execute(
+            select(ReviewItem.id, ReviewItem.chart_key, ReviewItem.fingerprint).where(ReviewItem.job_id == job_id))}
     new = [c for c in charts if c.key not in have]
     for lo in range(0, len(new), chunk):
         with store.session() as s:
             s.execute(insert(ReviewItem), [{"job_id": job_id, "chart_key": c.key, "path": c.path,
-                                            "status": "pending", "attempts": 0, "timings": {}}
+                                            "status": "pending", "attempts": 0, "timings": {},
+                                            "fingerprint": c.fingerprint}
                                            for c in new[lo:lo + chunk]])
+    seen = [c for c in charts if c.key in have and c.fingerprint and c.fingerprint != have[c.key][1]]
+    replaced = [c for c in seen if have[c.key][1] is not None]  # NULL: a row from before fingerprints
+    with store.session() as s:
+        for c in seen:
+            values: dict = {"fingerprint": c.fingerprint}
+            if have[c.key][1] is not None:
+                values.update(status="pending", path=c.path, attempts=0, error=None, timings={}, report=None,
+                              neighbours=None, finished_at=None)
+            s.execute(update(ReviewItem).where(ReviewItem.id == have[c.key][0]).values(**values))
+    if replaced:
+        log.info("%d chart(s) replaced since the last run are reviewed again, e.g. %s", len(replaced),
+                 replaced[0].key)
     return len(new)
 
 
@@ -128,7 +149,9 @@ def write_thumb(out_dir: Path, name: str, data: bytes) -> None:
 
 
 def commit_results(store: Store, out_dir: Path, results: Sequence[ChartResult]) -> None:
-    """Thumbnails first, then every result of the batch (status + data) in one transaction."""
+    """Thumbnails first, then every result of the batch (status + data) in one transaction. A `pending`
+    result (a BackendError: server down, 5xx, timeout) gives back the attempt `start_attempts` counted, so
+    an outage never uses up a chart's attempts; only runs that died on the chart count."""
     for r in results:
         if r.thumb:
             write_thumb(out_dir, f"chart-{r.item_id}.jpg", r.thumb)
@@ -141,6 +164,8 @@ def commit_results(store: Store, out_dir: Path, results: Sequence[ChartResult]) 
             item.status, item.error, item.timings = r.status, r.error, dict(r.timings)
             item.report, item.neighbours = r.report, r.neighbours
             item.finished_at = now if r.status != "pending" else None
+            if r.status == "pending":  # the backend failed, not the chart: this attempt does not count
+                item.attempts = max(0, (item.attempts or 0) - 1)
 
 
 def reset_errors(store: Store, job_id: int) -> None:
@@ -157,3 +182,69 @@ def mark_done(store: Store, job_id: int) -> None:
     with store.session() as s:
         job = s.get(ReviewJob, job_id)
         job.status, job.finished_at = "done", datetime.now(timezone.utc)
+
+
+# -- the job lease: one run at a time per job ------------------------------------------------------------
+LEASE_S = 900  # renewed after every committed batch; a run that stops renewing loses it after this long
+
+
+def lease_owner() -> str:
+    """This run's lease name: `host:pid:token` (host and pid tell people, and a later run, who holds it)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _utc(t: datetime | None) -> datetime | None:
+    return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t  # SQLite: naive UTC
+
+
+def _dead_here(holder: str) -> bool:
+    """Whether the lease's holder ran on this host and its process is gone (a killed run: stale at once)."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def take_lease(store: Store, job_id: int, owner: str, lease_s: float = LEASE_S) -> None:
+    """Take the job for this run, or a ReviewError naming the run that holds it. Free: nobody holds it, its
+    lease ran out, or its holder's process on this host is gone. Taken with one compare-and-set UPDATE
+    (WHERE locked_by is what was read), so of two runs starting at once exactly one wins (SQLite, PostgreSQL)."""
+    now = datetime.now(timezone.utc)
+    with store.session() as s:
+        holder, since, until = s.execute(select(ReviewJob.locked_by, ReviewJob.locked_at, ReviewJob.lease_until)
+                                         .where(ReviewJob.id == job_id)).one()
+        if holder and holder != owner and (_utc(until) or now) > now and not _dead_here(holder):
+            host, _, rest = holder.partition(":")
+            when = _utc(since).strftime("%Y-%m-%d %H:%M:%S UTC") if since else "an unknown time"
+            raise ReviewError(f"job {job_id} is being processed by another run (pid {rest.partition(':')[0]} on "
+                              f"host {host}) since {when}; wait for it to finish (a dead run's lease runs out "
+                              f"at {_utc(until):%H:%M:%S} UTC)")
+        held = ReviewJob.locked_by.is_(None) if holder is None else ReviewJob.locked_by == holder
+        taken = s.execute(update(ReviewJob).where(ReviewJob.id == job_id, held)
+                          .values(locked_by=owner, locked_at=now,
+                                  lease_until=now + timedelta(seconds=lease_s))).rowcount
+    if taken != 1:
+        raise ReviewError(f"job {job_id} was taken by another run starting at the same moment; wait for it")
+
+
+def renew_lease(store: Store, job_id: int, owner: str, lease_s: float = LEASE_S) -> None:
+    """Extend this run's lease (after each batch); a ReviewError if another run has taken the job since."""
+    with store.session() as s:
+        n = s.execute(update(ReviewJob).where(ReviewJob.id == job_id, ReviewJob.locked_by == owner)
+                      .values(lease_until=datetime.now(timezone.utc) + timedelta(seconds=lease_s))).rowcount
+    if n != 1:
+        raise ReviewError(f"job {job_id}: another run took the job over (this run held its lease past "
+                          f"{lease_s:.0f}s without progress); stopping")
+
+
+def release_lease(store: Store, job_id: int, owner: str) -> None:
+    with store.session() as s:
+        s.execute(update(ReviewJob).where(ReviewJob.id == job_id, ReviewJob.locked_by == owner)
+                  .values(locked_by=None, locked_at=None, lease_until=None))

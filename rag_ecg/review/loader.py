@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,8 +98,15 @@ def jpeg_bytes(image: Image.Image, width: int, quality: int = 80) -> bytes:
     return buf.getvalue()
 
 
+# Test hook: a loader *process* that gets this chart key SIGKILLs itself (a decoder crash, for real).
+KILL_ON_ENV = "RAG_ECG_TEST_KILL_LOADER_ON"
+_in_loader_process = False
+
+
 def load_chart(task: LoadTask) -> Loaded:
     """Worker: open one chart, letterbox it for the encoder, make its thumbnail (never raises)."""
+    if _in_loader_process and os.environ.get(KILL_ON_ENV) == task.key:
+        os.kill(os.getpid(), signal.SIGKILL)
     t0 = time.perf_counter()
     out = Loaded(task.item_id, task.key, patient_id=task.meta.get("patient_id"))
     try:
@@ -124,6 +131,8 @@ def _ping() -> int:
 
 def _loader_init(parent_pid: int) -> None:
     """In each loader process: die with the parent (a kill -9 of the review must not leave orphans)."""
+    global _in_loader_process
+    _in_loader_process = True
     if sys.platform == "linux":
         try:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
@@ -164,30 +173,49 @@ class Loader:
             for tag, tasks in task_batches:
                 yield tag, [load_chart(t) for t in tasks]
             return
-        window: deque[tuple[Any, list[LoadTask], list[Future]]] = deque()
+        window: deque[tuple[Any, list[LoadTask], ProcessPoolExecutor, list[Future]]] = deque()
         for tag, tasks in task_batches:
-            window.append((tag, tasks, [self._get_pool().submit(load_chart, t) for t in tasks]))
+            pool = self._get_pool()
+            window.append((tag, tasks, pool, [self._submit(pool, t) for t in tasks]))
             if len(window) > self.prefetch:
                 yield self._resolve(*window.popleft())
         while window:
             yield self._resolve(*window.popleft())
 
-    def _resolve(self, tag: Any, tasks: list[LoadTask], futures: list[Future]) -> tuple[Any, list[Loaded]]:
+    @staticmethod
+    def _submit(pool: ProcessPoolExecutor, task: LoadTask) -> Future:
+        """The task on `pool`; a pool already broken (a worker died since) gives a failed future: retried."""
+        try:
+            return pool.submit(load_chart, task)
+        except BrokenProcessPool as exc:
+            fut: Future = Future()
+            fut.set_exception(exc)
+            return fut
+
+    def _resolve(self, tag: Any, tasks: list[LoadTask], pool: ProcessPoolExecutor,
+                 futures: list[Future]) -> tuple[Any, list[Loaded]]:
         out = []
         for task, fut in zip(tasks, futures):
             try:
                 out.append(fut.result())
-            except BrokenProcessPool:
+            except (BrokenProcessPool, CancelledError):  # a worker died (maybe on another chart): retry
+                self._drop(pool)
                 out.append(self._retry_alone(task))
         return tag, out
 
-    def _retry_alone(self, task: LoadTask) -> Loaded:
-        """A worker died (a decoder crash): on a fresh pool, try this chart once more on its own."""
-        self.close()
-        try:
-            return self._get_pool().submit(load_chart, task).result()
-        except BrokenProcessPool:
+    def _drop(self, pool: ProcessPoolExecutor) -> None:
+        """Forget a broken pool (if it is still the current one); the next submit starts a fresh one.
+        Only a broken pool is dropped: the prefetched batches of a healthy one are never cancelled."""
+        if self._pool is pool:
             self.close()
+
+    def _retry_alone(self, task: LoadTask) -> Loaded:
+        """A worker died (a decoder crash): on a healthy pool, try this chart once more on its own."""
+        pool = self._get_pool()
+        try:
+            return pool.submit(load_chart, task).result()
+        except (BrokenProcessPool, CancelledError):
+            self._drop(pool)
             return Loaded(task.item_id, task.key, error=f"{task.key}: crashed the chart loader process")
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ from sqlalchemy import select, update
 
 from rag_ecg.data.images import decode_image
 from rag_ecg.data.store import ReviewItem, Store
+from rag_ecg.errors import BackendError
 from rag_ecg.review.config import ReviewConfig, ReviewError
 from rag_ecg.review.jobs import case_meta, commit_results
 from rag_ecg.review.loader import load_chart
@@ -216,8 +217,16 @@ def run_ray(spec: PipelineSpec, store: Store, job_id: int, out_dir: Path, cfg: R
           .map_batches(Report, fn_constructor_kwargs={"spec": sd}, batch_size=cfg.batch_size,
                        compute=rd.ActorPoolStrategy(min_size=1, max_size=workers), num_cpus=0.25,
                        num_gpus=report_gpu, batch_format="numpy"))
-    for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=1):
-        results = results_from_batch(batch)
-        commit_results(store, out_dir, results)
-        on_results(results)
-        check_backend(spec.backend, results)
+    left = {int(r[0]) for r in rows}
+    try:
+        for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=1):
+            results = results_from_batch(batch)
+            commit_results(store, out_dir, results)
+            left -= {r.item_id for r in results}
+            on_results(results)
+            check_backend(spec.backend, results)
+    except BackendError:  # stopped for the backend: the charts never reached give their attempt back
+        with store.session() as s:
+            s.execute(update(ReviewItem).where(ReviewItem.id.in_(sorted(left)), ReviewItem.attempts > 0)
+                      .values(attempts=ReviewItem.attempts - 1))
+        raise

@@ -25,8 +25,8 @@ from rag_ecg.paper.presets import PRESETS
 from rag_ecg.redact import redact
 from rag_ecg.review.config import STAGES, THUMBS, ReviewConfig, ReviewError
 from rag_ecg.review.inputs import discover
-from rag_ecg.review.jobs import (add_items, job_key, mark_done, open_job, reject_items, reset_errors,
-                                 status_counts)
+from rag_ecg.review.jobs import (add_items, job_key, lease_owner, mark_done, open_job, reject_items,
+                                 release_lease, renew_lease, reset_errors, status_counts, take_lease)
 from rag_ecg.review.local import ReviewProgress, run_local
 from rag_ecg.review.outputs import write_outputs
 from rag_ecg.review.pipeline import ChartPipeline, ChartResult, PipelineSpec
@@ -139,56 +139,62 @@ def _review(input, out_dir, st: Store, index_dir, cfg: ReviewConfig, progress: b
     key = job_key(descriptor, cfg, info)
     settings = redact({"review": asdict(cfg), "index": info, "rag_ecg_version": __version__})  # no secrets
     job_id, resumed = open_job(st, key, descriptor, out, settings)
-    add_items(st, job_id, charts)
-    if cfg.retry_errors:
-        reset_errors(st, job_id)
-    reject_items(st, job_id, charts)  # files that are not charts: error rows, never opened
-    (out / THUMBS).mkdir(parents=True, exist_ok=True)
-
-    spec = PipelineSpec(index_dir=str(idx_dir.resolve()), store_url=st.url, backend=cfg.backend,
-                        backend_options=dict(cfg.backend_options), k=cfg.k, preset=cfg.preset, dpi=int(cfg.dpi),
-                        device=cfg.device, workers=max(1, cfg.workers), batch=cfg.batch_size,
-                        thumb_width=cfg.thumb_width,
-                        image_max_side=cfg.image_max_side)
-    counts = status_counts(st, job_id)
-    total = sum(counts.values())
-    stage_s = {s: 0.0 for s in STAGES}
-    processed = 0
-    t0 = time.perf_counter()
-    pipeline = ChartPipeline(spec, store=st)
-    pipeline.needs_image  # an unknown backend name fails here, before any chart is touched
-    if cfg.engine == "local" and counts["pending"]:
-        pipeline.retriever, pipeline.backend  # open them now, outside the per-chart stage timings
+    owner = lease_owner()
+    take_lease(st, job_id, owner)  # one run at a time per job (a dead run's lease does not block)
     try:
-        if counts["pending"]:
-            with ReviewProgress(progress, total, total - counts["pending"], f"review {Path(str(input)).name}") as bar:
-                def on_results(results: list[ChartResult]) -> None:
-                    nonlocal processed
-                    for r in results:
-                        for stage, sec in r.timings.items():
-                            stage_s[stage] = stage_s.get(stage, 0.0) + float(sec)
-                    processed += sum(r.status != "pending" for r in results)
-                    bar.advance(results)
-                    if on_batch is not None:
-                        on_batch(BatchReport(results, processed))
+        add_items(st, job_id, charts)
+        if cfg.retry_errors:
+            reset_errors(st, job_id)
+        reject_items(st, job_id, charts)  # files that are not charts: error rows, never opened
+        (out / THUMBS).mkdir(parents=True, exist_ok=True)
 
-                if cfg.engine == "ray":
-                    from rag_ecg.review.ray_engine import run_ray
-
-                    run_ray(spec, st, job_id, out, cfg, on_results)
-                else:
-                    run_local(pipeline, st, job_id, out, cfg, on_results)
-    finally:
-        pipeline.close()
-        elapsed = time.perf_counter() - t0
+        spec = PipelineSpec(index_dir=str(idx_dir.resolve()), store_url=st.url, backend=cfg.backend,
+                            backend_options=dict(cfg.backend_options), k=cfg.k, preset=cfg.preset, dpi=int(cfg.dpi),
+                            device=cfg.device, workers=max(1, cfg.workers), batch=cfg.batch_size,
+                            thumb_width=cfg.thumb_width,
+                            image_max_side=cfg.image_max_side)
         counts = status_counts(st, job_id)
-        if counts["pending"] == 0:
-            mark_done(st, job_id)
-        outputs = write_outputs(st, job_id, out, cfg, idx_dir)
-    return ReviewSummary(job_id=job_id, key=key, input=descriptor, out_dir=out, total=sum(counts.values()),
-                         done=counts["done"], error=counts["error"], pending=counts["pending"],
-                         unparsed=counts["unparsed"],
-                         processed=processed, resumed=resumed, elapsed_s=round(elapsed, 3),
-                         charts_per_s=round(processed / elapsed, 3) if elapsed > 0 and processed else 0.0,
-                         stage_s={k: round(v, 3) for k, v in stage_s.items()},
-                         outputs={k: str(v) for k, v in outputs.items()})
+        total = sum(counts.values())
+        stage_s = {s: 0.0 for s in STAGES}
+        processed = 0
+        t0 = time.perf_counter()
+        pipeline = ChartPipeline(spec, store=st)
+        pipeline.needs_image  # an unknown backend name fails here, before any chart is touched
+        if cfg.engine == "local" and counts["pending"]:
+            pipeline.retriever, pipeline.backend  # open them now, outside the per-chart stage timings
+        try:
+            if counts["pending"]:
+                with ReviewProgress(progress, total, total - counts["pending"], f"review {Path(str(input)).name}") as bar:
+                    def on_results(results: list[ChartResult]) -> None:
+                        nonlocal processed
+                        renew_lease(st, job_id, owner)
+                        for r in results:
+                            for stage, sec in r.timings.items():
+                                stage_s[stage] = stage_s.get(stage, 0.0) + float(sec)
+                        processed += sum(r.status != "pending" for r in results)
+                        bar.advance(results)
+                        if on_batch is not None:
+                            on_batch(BatchReport(results, processed))
+
+                    if cfg.engine == "ray":
+                        from rag_ecg.review.ray_engine import run_ray
+
+                        run_ray(spec, st, job_id, out, cfg, on_results)
+                    else:
+                        run_local(pipeline, st, job_id, out, cfg, on_results)
+        finally:
+            pipeline.close()
+            elapsed = time.perf_counter() - t0
+            counts = status_counts(st, job_id)
+            if counts["pending"] == 0:
+                mark_done(st, job_id)
+            outputs = write_outputs(st, job_id, out, cfg, idx_dir)
+        return ReviewSummary(job_id=job_id, key=key, input=descriptor, out_dir=out, total=sum(counts.values()),
+                             done=counts["done"], error=counts["error"], pending=counts["pending"],
+                             unparsed=counts["unparsed"],
+                             processed=processed, resumed=resumed, elapsed_s=round(elapsed, 3),
+                             charts_per_s=round(processed / elapsed, 3) if elapsed > 0 and processed else 0.0,
+                             stage_s={k: round(v, 3) for k, v in stage_s.items()},
+                             outputs={k: str(v) for k, v in outputs.items()})
+    finally:
+        release_lease(st, job_id, owner)

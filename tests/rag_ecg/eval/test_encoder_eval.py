@@ -1,6 +1,7 @@
 """evaluate_encoder on real PTB-XL records with a tiny encoder; the per-record seeds and the flattening."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from rag_ecg.data.records import ptbxl_record, read_ptbxl_index
@@ -30,9 +31,9 @@ def test_evaluate_encoder_on_real_records(real_split):
     assert res["library_size"] == 20 and res["n_queries"] == 6 and res["library_preset"] == "clean"
     for preset in ("random", "clean"):
         m = res[preset]
-        for key in ("auc_binarized", "f1", "hamming", "loo_library_auc"):
-            assert 0.0 <= m[key] <= 1.0, (preset, key, m[key])
         assert set(m["per_class"]) == {"NORM", "MI", "STTC", "CD", "HYP"}
+        for key in ("auc_binarized", "f1"):  # the headline figures are the macro means of the per-class ones
+            assert m[key] == pytest.approx(np.mean([c[key] for c in m["per_class"].values()]), nan_ok=True), key
         assert set(m["image_to_report"]) == {"R@1", "R@5", "R@10"}
         assert m["image_to_report"]["R@10"] >= m["image_to_report"]["R@1"]
     # rendering in worker processes gives the very same pages, hence the same numbers

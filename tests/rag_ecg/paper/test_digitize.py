@@ -138,3 +138,24 @@ def test_tall_slivers_are_refused_before_the_digitiser_upscales_them():
     sliver = np.broadcast_to(np.full((1, 1, 3), 255, np.uint8), (640_000, 100, 3))  # no memory behind it
     with pytest.raises(DigitizeError, match=r"page is 100x640000"):
         digitize(sliver)
+
+
+def test_agreement_counts_the_leads_a_read_misses(ptb):
+    """A read that keeps lead I alone must not score above the full read it was cut from (it used to: the
+    mean ran only over the leads the read contained); a lead missing from the read counts 0."""
+    from dataclasses import replace
+
+    image, result = render_page_and_layout(ptb, config=RenderConfig(layout="3x4+II", dpi=100), seed=3)
+    truth, tmask = canonicalize(ptb.signal_mv(), ptb.fs, "3x4+II", "II", result.leads[0].t_start)
+    full = digitize(np.asarray(image))
+    only_i = np.zeros_like(full.mask)
+    only_i[0] = full.mask[0]
+    lead_i = replace(full, signal=np.where(only_i, full.signal, 0.0), mask=only_i)
+    whole, alone = agreement(full, truth, tmask), agreement(lead_i, truth, tmask)
+    assert whole > 0.6
+    printed = sum(1 for i in range(truth.shape[0]) if tmask[i].sum() > 50)
+    assert printed == 12
+    # lead I's own correlation (at most 1), over the 12 leads the page prints
+    assert alone == pytest.approx(agreement(lead_i, truth[:1], tmask[:1]) / printed)
+    assert alone < whole
+    assert agreement(replace(full, mask=np.zeros_like(full.mask)), truth, tmask) == 0.0

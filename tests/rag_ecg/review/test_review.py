@@ -228,17 +228,12 @@ def test_text_backend_calls_run_concurrently_and_a_dead_backend_leaves_charts_pe
     assert len(items) == 4 and all(i.status == "pending" and "500" in (i.error or "") for i in items)
     assert (tmp_path / "out-dead" / "results.csv").exists()  # outputs are written even when a run stops
 
-    # a chart whose earlier runs all died on it is given up (max_attempts), without calling the backend ...
-    cfg = ReviewConfig(backend="vllm", backend_options=opts, workers=2, batch_size=BATCH, max_attempts=1)
-    s = review(folder, tmp_path / "out-dead", store=store, index_dir=review_env["index"], config=cfg,
-               progress=False)
-    assert (s.error, s.pending, s.processed) == (4, 0, 4)
-    assert all("gave up after 1 attempts" in r["error"] and "500" in r["error"]
-               for r in rows_of(tmp_path / "out-dead").values())
-    # ... and retry_errors puts errors back in the queue once the backend works again
+    # the outage counted no attempt (point 5 of issue 15; a run that died on a chart still does, see
+    # test_review_jobs), so the next run once the backend works again does every chart
+    assert all(i.attempts == 0 for i in items)
     with OpenAITestServer(replies=[answer(GOOD_JSON)] * 4) as srv:
         opts = {**opts, "base_url": srv.url}
-        cfg = ReviewConfig(backend="vllm", backend_options=opts, workers=2, batch_size=BATCH, retry_errors=True)
+        cfg = ReviewConfig(backend="vllm", backend_options=opts, workers=2, batch_size=BATCH, max_attempts=1)
         s = review(folder, tmp_path / "out-dead", store=store, index_dir=review_env["index"], config=cfg,
                    progress=False)
     assert (s.done, s.error, s.processed, s.resumed) == (4, 0, 4, True)
