@@ -138,6 +138,20 @@ def replace_dir(folder: str | Path, final: str | Path) -> Path | None:
     return old
 
 
+def recover_dir(final: str | Path) -> bool:
+    """Finish a `replace_dir` that was killed between its two renames (no `final`, the old folder moved aside
+    to `.<name>.old.<pid>`): move the newest such folder back into place. True when it did."""
+    final = Path(final)
+    if final.exists():
+        return False
+    olds = sorted(final.parent.glob(f".{final.name}.old.*"), key=lambda p: p.stat().st_mtime)
+    if not olds:
+        return False
+    os.replace(olds[-1], final)
+    fsync_dir(final.parent)
+    return True
+
+
 def _renameat2():
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2

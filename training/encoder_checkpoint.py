@@ -17,7 +17,7 @@ import torch
 from rag_ecg.encoder.checkpoint import EncoderLoadError
 from rag_ecg.encoder.model import ECGEncoder
 from rag_ecg.errors import ArtifactError, ConfigError
-from rag_ecg.io import atomic_dir, atomic_write_with
+from rag_ecg.io import atomic_dir, atomic_write_with, recover_dir
 from training.common import rng_state, set_rng_state
 from training.encoder_config import EncoderTrainConfig
 
@@ -52,33 +52,22 @@ def kill_point(name: str) -> None:
 def resume_state(d: Path, cfg: EncoderTrainConfig) -> dict | None:
     """The saved training state of run_dir/last, if any; refuses one saved under another config (early,
     before any data is read)."""
-    src = _saved_dir(d) if cfg.resume else None
-    if src is None:
+    if not cfg.resume:
         return None
-    state = torch.load(src / STATE_FILE, map_location="cpu", weights_only=True)  # tensors + plain data only
+    recover_dir(d)  # a kill between the two renames of the last save left `d` moved aside: put it back
+    if not (d / STATE_FILE).is_file():
+        return None
+    state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)  # tensors + plain data only
     if state.get("resume_key") != cfg.resume_key():
         raise ConfigError(f"{d}: the saved run used another config (model, data or optimisation settings "
                           f"differ); use a new run_dir or resume=false")
-    state["saved_dir"] = str(src)
     return state
-
-
-def _saved_dir(d: Path) -> Path | None:
-    """`d`, or - when a kill fell between atomic_dir's two renames, which leave the previous folder as
-    `.NAME.old.PID` and no `d` - that previous complete folder; None when nothing was saved."""
-    if (d / STATE_FILE).is_file():
-        return d
-    if d.exists():
-        return None
-    olds = [p for p in d.parent.glob(f".{d.name}.old.*") if (p / STATE_FILE).is_file()]
-    return max(olds, key=lambda p: p.stat().st_mtime) if olds else None
 
 
 def restore(d: Path, state: dict | None, encoder, opt, sched, dev: str) -> tuple[int, int]:
     """Restore weights, optimizer, scheduler and RNG from run_dir/last; (start_epoch, step) or (0, 0)."""
     if state is None:
         return 0, 0
-    d = Path(state.get("saved_dir", d))
     try:
         saved = ECGEncoder.load(d, device=dev, expected_hash=state.get("weights_sha256"))
     except EncoderLoadError as exc:

@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-from rag_ecg.io import (append_jsonl, atomic_dir, atomic_open, atomic_write, atomic_write_with, read_json, replace_dir,
-                        versions, version_mismatches, write_json)
+from rag_ecg.io import (append_jsonl, atomic_dir, atomic_open, atomic_write, atomic_write_with, read_json, recover_dir,
+                        replace_dir, versions, version_mismatches, write_json)
 
 
 def _litter(folder) -> list[str]:
@@ -81,3 +81,11 @@ def test_versions_stamp_and_mismatches_ignore_local_build_labels():
     assert {"rag_ecg", "python", "torch", "numpy", "faiss"} <= set(v)
     assert version_mismatches({**v, "torch": v["torch"].split("+")[0] + "+cu130"}) == []
     assert version_mismatches({"numpy": "0.0.1", "not-installed": "1"}) == [f"numpy 0.0.1 -> {v['numpy']}"]
+
+
+def test_recover_dir_finishes_a_swap_killed_between_its_renames(tmp_path):
+    final = tmp_path / "last"
+    (tmp_path / ".last.old.4242").mkdir()  # what replace_dir's fallback leaves when killed after its first rename
+    (tmp_path / ".last.old.4242" / "weights").write_text("epoch 1")
+    assert recover_dir(final) and (final / "weights").read_text() == "epoch 1" and _litter(tmp_path) == []
+    assert not recover_dir(final)  # nothing to do once `final` is there
