@@ -1,0 +1,75 @@
+"""Ink: how much darker than the paper each pixel of a page is, with the page's tilt and grid lines taken out.
+
+The first steps of the classical digitiser (`digitize`): they use only what every printed ECG shares (the pen
+is darker than the paper in every colour channel; grid and traces run horizontally), never a renderer's metadata.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+# One OpenCV thread (as in drawing.py): pages are digitised in the embedding process between forks of
+# render workers, and an OpenCV thread pool alive at a fork deadlocks the children (seen: index build).
+cv2.setNumThreads(1)
+
+INK_ON = 110  # ink strength (0-255) that counts as a pen stroke
+
+
+def ink_map(page: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 ink strength 0-255: how much darker than the local paper the brightest channel is.
+
+    A coloured grid line is bright in at least one channel, a trace is dark in all of them; the local
+    paper level (a grey closing over ~3 mm, then smoothed) cancels shadows, glare and paper tone. The
+    strength is then stretched so the page's darkest strokes (the traces' cores) reach 255: grey grid
+    lines, which are lighter than the pen, land below INK_ON.
+    """
+    r, g, b = cv2.split(page)
+    bright = cv2.GaussianBlur(cv2.max(cv2.max(r, g), b), (3, 3), 0)
+    k = max(9, int(round(page.shape[1] / 100)) | 1)
+    paper = cv2.morphologyEx(bright, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_RECT, (k, k)))
+    paper = cv2.blur(paper, (k, k))
+    dark = cv2.divide(cv2.subtract(paper, bright), cv2.max(paper, 40), scale=255)  # uint8, saturating
+    sample = dark[::2, ::2]
+    core, texture = (float(v) for v in np.percentile(sample, [99.7, 90.0]))
+    lo = max(0.3 * core, texture + 8.0)  # below: paper texture, noise, colour grid
+    hi = max(lo + 32.0, 0.85 * core)  # above: a pen stroke for sure
+    return cv2.multiply(cv2.subtract(dark, int(lo)), 1, scale=255.0 / (hi - lo))  # saturates at 0 and 255
+
+
+def rotate(img: np.ndarray, angle: float) -> np.ndarray:
+    h, w = img.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+    return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def deskew_angle(ink: np.ndarray, max_deg: float = 8.0) -> float:
+    """Degrees to rotate so the ink's row profile is sharpest (coarse 0.5° search, then 0.1°)."""
+    small = cv2.resize(ink.astype(np.float32), (400, max(8, int(round(ink.shape[0] * 400 / ink.shape[1])))),
+                       interpolation=cv2.INTER_AREA)
+
+    def score(a: float) -> float:
+        prof = rotate(small, a).sum(axis=1)
+        return float(np.sum(np.diff(prof) ** 2))
+
+    coarse = np.arange(-max_deg, max_deg + 1e-6, 0.5)
+    best = float(coarse[int(np.argmax([score(a) for a in coarse]))])
+    fine = np.arange(best - 0.4, best + 0.41, 0.1)
+    return float(fine[int(np.argmax([score(a) for a in fine]))])
+
+
+def remove_grid_lines(ink: np.ndarray) -> np.ndarray:
+    """Subtract long straight horizontal and vertical strokes (grey grid lines; traces are never that straight),
+    then specks (grid crossings, noise)."""
+    h, w = ink.shape
+    horiz = cv2.morphologyEx(ink, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (max(3, w // 8), 1)))
+    vert = cv2.morphologyEx(ink, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (1, max(3, h // 4))))
+    out = cv2.subtract(ink, cv2.max(horiz, vert))
+    # what is left of a grid where lines cross, and speckle noise, are specks: drop tiny blobs
+    n, labels, stats, _ = cv2.connectedComponentsWithStats((out > INK_ON).astype(np.uint8), connectivity=8)
+    small = stats[:, cv2.CC_STAT_AREA] < max(6, (w // 320) ** 2)
+    small[0] = False
+    if small.any():
+        out[small[labels]] = 0
+    return out
+
+

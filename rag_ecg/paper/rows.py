@@ -1,0 +1,167 @@
+"""Trace rows: where a page's rows of traces are, how far each runs, and the line each pen drew along it.
+
+Works on an ink map (`ink.ink_map`, or a learned segmenter's trace map on the same 0-255 scale): rows are
+heights where ink runs across most of the page, the largest evenly spaced set of them; per row the trace
+is followed column by column.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from rag_ecg.errors import InputError
+from rag_ecg.paper.ink import INK_ON
+
+MAX_INK_DENSITY = 0.15  # share of a page's trace area that may be ink (pen lines: ~2-6 %)
+ROW_COUNTS = (3, 4, 6, 12)  # trace rows of the layouts clinics print
+
+
+class DigitizeError(InputError):
+    """No ECG trace rows could be found on the page (a blank page, a photo of something else)."""
+
+
+def find_rows(ink: np.ndarray) -> tuple[list[float], float]:
+    """Baselines (px) of the trace rows and their pitch; the largest evenly spaced set of across-page rows."""
+    h, w = ink.shape
+    on = (ink > INK_ON).astype(np.uint8)
+    band = max(3, int(round(w / 130)))  # ~2.3 mm: a trace near its (possibly tilted) baseline stays within this
+    near = cv2.dilate(on, cv2.getStructuringElement(cv2.MORPH_RECT, (1, 2 * band + 1)))
+    cover = near[:, int(0.1 * w):int(0.9 * w)].mean(axis=1)
+    cover = cv2.GaussianBlur(cover.reshape(-1, 1).astype(np.float32), (1, 0), sigmaX=0, sigmaY=band).ravel()
+    min_gap = max(8, int(0.035 * h))
+    peaks = [y for y in range(1, h - 1)
+             if cover[y] >= 0.3 and cover[y] == cover[max(0, y - min_gap):y + min_gap + 1].max()]
+    if len(peaks) < 3:
+        raise DigitizeError(f"no readable ECG traces: found {len(peaks)} trace row(s) across the page "
+                            "(an ECG page has 3, 4, 6 or 12)")
+    best, best_key = None, None
+    ys = np.asarray(peaks, np.float64)
+    for i in range(len(ys)):
+        for j in range(i + 1, len(ys)):
+            pitch = ys[j] - ys[i]
+            if pitch < min_gap:
+                continue
+            chain = [ys[i]]
+            step = pitch  # follows a slowly changing pitch: a photo taken at an angle squeezes one end
+            while len(chain) < 12:
+                target = chain[-1] + step
+                k = int(np.argmin(np.abs(ys - target)))
+                if abs(ys[k] - target) > max(3.0, 0.12 * step) or ys[k] <= chain[-1]:
+                    break
+                step = 0.5 * step + 0.5 * (ys[k] - chain[-1])
+                chain.append(ys[k])
+            for n in sorted(ROW_COUNTS, reverse=True):
+                if len(chain) >= n:
+                    rows = chain[:n]
+                    key = (n, float(sum(cover[int(y)] for y in rows)))
+                    if best_key is None or key > best_key:
+                        best, best_key = rows, key
+                    break
+    if best is None:
+        raise DigitizeError("no readable ECG traces: no evenly spaced set of 3, 4, 6 or 12 trace rows on the page")
+    pitch = float(np.median(np.diff(best)))
+    return [float(y) for y in best], pitch
+
+
+def trace_extent(ink: np.ndarray, rows: list[float], pitch: float) -> list[tuple[int, int]]:
+    """Per row, its first and last trace column (px), calibration pulse excluded.
+
+    A row's trace is the longest run of inked columns (gaps under ~1.5 mm bridged): page edges, stamps
+    and grid remnants beside it are not part of it. A printed calibration pulse ends a little before
+    the trace starts: the first run of empty columns within the first 8 % of the row marks the
+    trace's start. Rows are measured one by one because a photographed page is a trapezoid (rows
+    start and end at different columns); a row much shorter than the others (a faded or clipped
+    trace) takes the rows' median extent instead.
+    """
+    h, w = ink.shape
+    half = max(2, int(0.45 * pitch))
+    bridge = max(3, w // 180)
+    found: list[tuple[int, int] | None] = []
+    for y in rows:
+        a, b = max(0, int(y) - half), min(h, int(y) + half + 1)
+        cols = (ink[a:b] > INK_ON).any(axis=0)
+        run = _longest_run(cv2.dilate(cols.astype(np.uint8).reshape(1, -1), np.ones((1, bridge), np.uint8)).ravel() > 0)
+        if run is None:
+            found.append(None)
+            continue
+        left, right = run[0] + bridge // 2, run[1] - bridge // 2
+        window = cols[left:left + int(0.08 * (right - left))]
+        gap = np.flatnonzero(~window)
+        if gap.size:  # the trace starts where the first gap after the pulse ends
+            after = np.flatnonzero(window[gap[0]:])
+            if after.size:
+                left += int(gap[0] + after[0])
+        found.append((int(left), int(right)))
+    good = [f for f in found if f is not None]
+    if not good:
+        raise DigitizeError("trace rows hold no ink")
+    med = (int(np.median([f[0] for f in good])), int(np.median([f[1] for f in good])))
+    length = med[1] - med[0]
+    return [f if f is not None and f[1] - f[0] >= 0.85 * length else med for f in found]
+
+
+def _longest_run(flags: np.ndarray) -> tuple[int, int] | None:
+    """(first, last) index of the longest run of True, or None."""
+    padded = np.concatenate([[False], flags, [False]]).astype(np.int8)
+    d = np.diff(padded)
+    starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1) - 1
+    if starts.size == 0:
+        return None
+    k = int(np.argmax(ends - starts))
+    return int(starts[k]), int(ends[k])
+
+
+def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int, x1: int) -> tuple[np.ndarray, float]:
+    """(trace height above the baseline (px, up positive) at each column x0..x1 of one row, continuity).
+
+    Per column the ink runs inside the row's band are found; the one nearest the previous point is the
+    trace, and of that run the end farther from the previous point is taken (a run spans where the pen
+    came from to where it went). A run farther than a quarter pitch away is a label, a neighbour's
+    spike or a stamp, not this trace: such columns, and empty ones, carry the previous point.
+    Continuity is the share of columns whose run touches the previous point (a pen line: ~1).
+    """
+    h, w = ink.shape
+    top = max(0, int(round(base - 0.75 * pitch)))
+    bot = min(h, int(round(base + 0.75 * pitch)) + 1)
+    on = (ink[top:bot, x0:x1 + 1] > INK_ON).T.astype(np.int8)  # (columns, rows)
+    n_cols = on.shape[0]
+    padded = np.zeros((n_cols, on.shape[1] + 2), np.int8)
+    padded[:, 1:-1] = on
+    edges = np.diff(padded, axis=1)
+    sc, sr = np.nonzero(edges == 1)  # row-major: sorted by column, then row
+    ec, er = np.nonzero(edges == -1)
+    bounds = np.searchsorted(sc, np.arange(n_cols + 1)).tolist()
+    starts, ends = sr.tolist(), (er - 1).tolist()
+    jump = 0.25 * pitch
+    out = [0.0] * n_cols
+    prev = float(base - top)
+    locked = False
+    touching = 0
+    for x in range(n_cols):
+        best, best_d = -1, (jump if locked else float(on.shape[1]))
+        for k in range(bounds[x], bounds[x + 1]):
+            s, e = starts[k], ends[k]
+            d = s - prev if s > prev else (prev - e if e < prev else 0.0)
+            if d <= best_d:
+                best, best_d = k, d
+        if best >= 0:
+            touching += best_d <= 1.0
+            locked = True
+            s, e = starts[best], ends[best]
+            if e - s <= 2:
+                prev = 0.5 * (s + e)
+            else:
+                prev = float(s) if abs(s - prev) > abs(e - prev) else float(e)
+        out[x] = prev
+    return (base - top) - np.asarray(out, np.float32), touching / max(1, n_cols)  # up is positive, as on paper
+
+
+def check_line_drawing(ink: np.ndarray, rows: list[float], pitch: float, x0: int, x1: int) -> None:
+    """Trace rows are thin lines on paper: a few per cent of their band is ink. A photo of something
+    else (texture, noise, a dense picture) inks far more of it; refuse it rather than read noise."""
+    top = max(0, int(rows[0] - 0.45 * pitch))
+    bot = min(ink.shape[0], int(rows[-1] + 0.45 * pitch) + 1)
+    density = float((ink[top:bot, x0:x1 + 1] > INK_ON).mean()) if x1 > x0 else 1.0
+    if density > MAX_INK_DENSITY or x1 - x0 < 0.3 * ink.shape[1]:
+        raise DigitizeError(f"no readable ECG traces: {density:.0%} of the trace area is ink, "
+                            f"traces span {x1 - x0} of {ink.shape[1]} columns")
