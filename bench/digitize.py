@@ -25,7 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rag_ecg import paths  # noqa: E402
-from rag_ecg.paper.digitize import DigitizeError, agreement, canonicalize, digitize  # noqa: E402
+from rag_ecg.paper.digitize import DigitizeError, canonicalize, digitize  # noqa: E402
+from rag_ecg.paper.read_quality import agreement  # noqa: E402
 from rag_ecg.data.records import ptbxl_record, read_ptbxl_index  # noqa: E402
 from rag_ecg.paper.render import render_page_and_layout  # noqa: E402
 
@@ -61,7 +62,7 @@ def main() -> None:
             cfg = result.config
             layout_ok += read.layout == cfg.layout
             truth, tmask = canonicalize(rec.signal_mv(), rec.fs, cfg.layout, cfg.rhythm_lead, result.leads[0].t_start)
-            agree.append(agreement(read, truth, tmask))
+            agree.append(agreement(read.signal, read.mask, truth, tmask))
         n = len(records)
         out[preset] = {"pages": n, "layout_correct": layout_ok / n, "refused": refused / n,
                        "agreement_mean": float(np.mean(agree)) if agree else 0.0,

@@ -31,7 +31,8 @@ from rag_ecg.errors import InputError
 from rag_ecg.paper.layout import LEAD_ROWS
 from rag_ecg.paper.ink import deskew_angle, ink_map, remove_grid_lines, rotate
 from rag_ecg.paper.orientation import row_skew
-from rag_ecg.paper.rows import DigitizeError, check_line_drawing, find_rows, follow_trace, trace_extent
+from rag_ecg.paper.rows import (DigitizeError, check_line_drawing, find_rows, follow_trace, pulse_columns,
+                                separator_columns, trace_extent)
 
 T_SECONDS = 10.0  # the canonical page: 10 s (one full row at 25 mm/s)
 FS = 100.0  # canonical sampling rate, Hz
@@ -61,6 +62,8 @@ class Digitized:
     work_size: tuple[int, int] = (0, 0)  # (width, height) of the working page, before the deskew rotation
     boxes: list[tuple[str, tuple[float, float, float, float], float, float]] = field(default_factory=list)
     # per printed lead column: (lead, (x0, y0, x1, y1) working px of the deskewed page, t0 s, t1 s on the 10-s axis)
+    raw_px: np.ndarray | None = None  # (12, N) float32 trace height above its row's baseline, working px, NaN where
+    # not printed: no detrend, no normalisation (what a millivolt read divides by px/mm x gain)
 
     def picture_points(self, xy: np.ndarray) -> np.ndarray:
         """(n, 2) working-frame (deskewed, turned, resized) x, y -> the same points on the picture as given."""
@@ -103,6 +106,18 @@ def digitize(page: np.ndarray, rhythm_lead: str = "II") -> Digitized:
     return max(reads, key=lambda r: r.skew)
 
 
+def working_page(page: np.ndarray, read: Digitized) -> np.ndarray:
+    """The RGB page in `read`'s working frame (turned, resized, deskewed; white where the rotation uncovers
+    nothing), so later steps (calibration, overlays) measure in the pixels `read`'s rows and boxes are in."""
+    work, _ = _resize(_turn(page, read.turns))
+    if abs(read.angle) > 0.05:
+        h, w = work.shape[:2]
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), read.angle, 1.0)
+        work = cv2.warpAffine(work, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=(255, 255, 255))
+    return work
+
+
 def _turn(page: np.ndarray, turns: int) -> np.ndarray:
     """The page turned `turns` quarter turns counter-clockwise (contiguous, as OpenCV wants it)."""
     return np.ascontiguousarray(np.rot90(page, turns % 4)) if turns % 4 else page
@@ -121,12 +136,29 @@ def _read(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int) -> 
     x0, x1 = (int(np.median([e[i] for e in extents])) for i in (0, 1))
     check_line_drawing(ink, rows, pitch, x0, x1)
     followed = [follow_trace(ink, y, pitch, a, b) for y, (a, b) in zip(rows, extents)]
-    continuity = float(np.median([c for _, c in followed]))
+    followed, extents = _trim_pulses(followed, extents, pitch)
+    n_cols = [len(leads) for leads in _row_leads(LAYOUT_BY_ROWS[len(rows)], rhythm_lead)]
+    for r, (y, (a, b), n) in enumerate(zip(rows, extents, n_cols)):
+        seps = separator_columns(ink, y, pitch, a, b, n)
+        if seps:  # blank the ticks and follow again: the pen is carried across, not led down a tick onto a label
+            band = ink[max(0, int(y - pitch)):int(y + pitch) + 1].copy()
+            for s, e in seps:
+                band[:, max(0, s):e + 1] = 0
+            trace, cont, peaks = follow_trace(band, y - max(0, int(y - pitch)), pitch, a, b)
+            for s, e in seps:
+                _bridge(trace, s - a, e - a)
+            followed[r] = (trace, cont, peaks)
+    continuity = float(np.median([f[1] for f in followed]))
     if continuity < MIN_CONTINUITY:
         raise DigitizeError(f"no readable ECG traces: the row lines are broken ({continuity:.0%} of columns continue "
                             "the line; pen traces are continuous)")
-    rows_10s = [_resample(t, N_SAMPLES) for t, _ in followed]
+    rows_10s = [_resample(t, N_SAMPLES, peaks) for t, _, peaks in followed]
     signal, mask, scale = _lay_out(layout, rhythm_lead, lambda row, lead: rows_10s[row])
+    raw = np.full(signal.shape, np.nan, np.float32)
+    for row, leads in enumerate(_row_leads(layout, rhythm_lead)):
+        for c, lead in enumerate(leads):
+            a, b = c * N_SAMPLES // len(leads), (c + 1) * N_SAMPLES // len(leads)
+            raw[_LEAD_INDEX[lead], a:b] = rows_10s[row][a:b]
     skew = row_skew(signal, [[_LEAD_INDEX[ld] for ld in leads] for leads in _row_leads(layout, rhythm_lead)])
     boxes = []
     for row, leads in enumerate(_row_leads(layout, rhythm_lead)):
@@ -136,7 +168,7 @@ def _read(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int) -> 
             boxes.append((lead, (a + (b - a) * c / n, rows[row] - 0.5 * pitch, a + (b - a) * (c + 1) / n,
                                  rows[row] + 0.5 * pitch), T_SECONDS * c / n, T_SECONDS * (c + 1) / n))
     return Digitized(signal, mask, layout, float(angle), [float(y) for y in rows], (int(x0), int(x1)),
-                     turns % 4, skew, scale, work_scale, (work.shape[1], work.shape[0]), boxes)
+                     turns % 4, skew, scale, work_scale, (work.shape[1], work.shape[0]), boxes, raw)
 
 
 def canonicalize(signal_mv: np.ndarray, fs: float, layout: str = "12x1", rhythm_lead: str = "II",
@@ -173,27 +205,6 @@ def _lay_out(layout: str, rhythm_lead: str, source) -> tuple[np.ndarray, np.ndar
             mask[li, a:b] = True
     scale = page_scale(signal, mask)
     return normalize(signal, mask, scale), mask, scale
-
-
-def agreement(read: Digitized, truth: np.ndarray, truth_mask: np.ndarray, max_lag: int = 3) -> float:
-    """How well a read follows the recorded signal (`canonicalize` of it in the page's layout): the mean over
-    the leads the page prints of the correlation where both are printed, best within ±`max_lag` samples
-    (±30 ms at FS) — a digitiser's time axis is good to a pixel or two, and one QRS sample off ruins a plain
-    correlation. A printed lead the read misses (or overlaps by 50 samples or fewer) counts 0, so a read that
-    keeps one clean lead scores below a full read: the score measures coverage as well as fidelity."""
-    cors = []
-    for lead in range(truth.shape[0]):
-        printed = truth_mask[lead]
-        if printed.sum() <= 50 or truth[lead][printed].std() == 0:
-            continue  # the page does not print this lead: no read could follow it
-        best = []
-        for lag in range(-max_lag, max_lag + 1):
-            sig, mask = np.roll(read.signal[lead], lag), np.roll(read.mask[lead], lag)
-            m = mask & printed
-            if m.sum() > 50 and truth[lead][m].std() > 0 and sig[m].std() > 0:
-                best.append(np.corrcoef(truth[lead][m], sig[m])[0, 1])
-        cors.append(max(best) if best else 0.0)
-    return float(np.mean(cors)) if cors else 0.0
 
 
 def detrend(segment: np.ndarray) -> np.ndarray:
@@ -238,7 +249,31 @@ def _resize(page: np.ndarray) -> tuple[np.ndarray, float]:
         return page, 1.0
     scale = WORK_WIDTH / w
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    k = int(np.ceil(1.0 / scale - 0.05))
+    if k >= 2:  # a minimum filter first: averaging alone fades a 1-px pen line (and its QRS spikes) below INK_ON
+        page = cv2.erode(page, np.ones((k, k), np.uint8))
     return cv2.resize(page, (WORK_WIDTH, max(8, int(round(h * scale)))), interpolation=interp), scale
+
+
+def _trim_pulses(followed, extents, pitch):
+    """Drop a calibration pulse printed joined to its trace from each followed row (`rows.pulse_columns`)."""
+    out_f, out_e = [], []
+    for (trace, cont, peaks), (a, b) in zip(followed, extents):
+        s, e = pulse_columns(trace, pitch)
+        if s or e:
+            trace, peaks, a, b = trace[s:trace.size - e], peaks[s:peaks.size - e], a + s, b - e
+        out_f.append((trace, cont, peaks))
+        out_e.append((a, b))
+    return out_f, out_e
+
+
+def _bridge(trace: np.ndarray, s: int, e: int) -> None:
+    """Replace trace[s..e] (inclusive) by the straight line between its neighbours, in place."""
+    s, e = max(0, s), min(trace.size - 1, e)
+    if e <= s:
+        return
+    left, right = trace[max(0, s - 1)], trace[min(trace.size - 1, e + 1)]
+    trace[s:e + 1] = np.linspace(left, right, e - s + 1)
 
 
 def _row_leads(layout: str, rhythm_lead: str) -> list[list[str]]:
@@ -247,9 +282,15 @@ def _row_leads(layout: str, rhythm_lead: str) -> list[list[str]]:
     return LEAD_ROWS[layout]
 
 
-def _resample(x: np.ndarray, n: int) -> np.ndarray:
+def _resample(x: np.ndarray, n: int, peaks: np.ndarray | None = None) -> np.ndarray:
+    """`x` (one value per column) at `n` evenly spaced samples; each flagged peak column sets its nearest sample,
+    so a spike one or two columns wide keeps its height (plain interpolation between columns would cut it)."""
     if x.size < 2:
         return np.zeros(n, np.float32)
     src = np.linspace(0.0, 1.0, x.size)
     dst = np.linspace(0.0, 1.0, n)
-    return np.interp(dst, src, x).astype(np.float32)
+    out = np.interp(dst, src, x).astype(np.float32)
+    if peaks is not None and peaks.any():
+        cols = np.flatnonzero(peaks)
+        out[np.rint(cols * (n - 1) / (x.size - 1)).astype(int)] = x[cols]
+    return out

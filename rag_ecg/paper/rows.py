@@ -111,14 +111,18 @@ def _longest_run(flags: np.ndarray) -> tuple[int, int] | None:
     return int(starts[k]), int(ends[k])
 
 
-def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int, x1: int) -> tuple[np.ndarray, float]:
-    """(trace height above the baseline (px, up positive) at each column x0..x1 of one row, continuity).
+def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int,
+                 x1: int) -> tuple[np.ndarray, float, np.ndarray]:
+    """(trace height above the baseline (px, up positive) at each column x0..x1 of one row, continuity, peaks).
 
     Per column the ink runs inside the row's band are found; the one nearest the previous point is the
     trace, and of that run the end farther from the previous point is taken (a run spans where the pen
     came from to where it went). A run farther than a quarter pitch away is a label, a neighbour's
     spike or a stamp, not this trace: such columns, and empty ones, carry the previous point.
     Continuity is the share of columns whose run touches the previous point (a pen line: ~1).
+    A column's height is its run's middle, except at a peak (the run's top above both neighbours' tops) or a
+    trough, where it is that end less half a pen width: a thin pen's QRS turns inside one or two columns, and
+    the middle of such a run halves the spike. `peaks` flags those columns, so resampling can keep them.
     """
     h, w = ink.shape
     top = max(0, int(round(base - 0.75 * pitch)))
@@ -133,7 +137,7 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int, x1: int) -
     bounds = np.searchsorted(sc, np.arange(n_cols + 1)).tolist()
     starts, ends = sr.tolist(), (er - 1).tolist()
     jump = 0.25 * pitch
-    out = [0.0] * n_cols
+    run_s, run_e = [0.0] * n_cols, [0.0] * n_cols
     prev = float(base - top)
     locked = False
     touching = 0
@@ -148,12 +152,31 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int, x1: int) -
             touching += best_d <= 1.0
             locked = True
             s, e = starts[best], ends[best]
+            run_s[x], run_e[x] = float(s), float(e)
             if e - s <= 2:
                 prev = 0.5 * (s + e)
             else:
                 prev = float(s) if abs(s - prev) > abs(e - prev) else float(e)
-        out[x] = prev
-    return (base - top) - np.asarray(out, np.float32), touching / max(1, n_cols)  # up is positive, as on paper
+        else:
+            run_s[x] = run_e[x] = prev
+    top_y, bot_y = np.asarray(run_s, np.float32), np.asarray(run_e, np.float32)
+    y, peaks = _column_heights(top_y, bot_y)
+    return (base - top) - y, touching / max(1, n_cols), peaks  # up is positive, as on paper
+
+
+def _column_heights(top_y: np.ndarray, bot_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(pen centre y per column, peak/trough flags) from each column's chosen ink run [top_y, bot_y]."""
+    y = 0.5 * (top_y + bot_y)
+    if y.size < 3:
+        return y, np.zeros(y.size, bool)
+    pen = float(np.median(bot_y - top_y))  # the pen's width where the line runs flat
+    t_l, t_r = np.r_[np.inf, top_y[:-1]], np.r_[top_y[1:], np.inf]
+    b_l, b_r = np.r_[-np.inf, bot_y[:-1]], np.r_[bot_y[1:], -np.inf]
+    tall = bot_y - top_y > pen + 1.5
+    peak = tall & (top_y <= np.minimum(t_l, t_r)) & (top_y < np.maximum(t_l, t_r) - 0.5)  # a 2-column top too
+    trough = tall & (bot_y >= np.maximum(b_l, b_r)) & (bot_y > np.minimum(b_l, b_r) + 0.5) & ~peak
+    y = np.where(peak, top_y + 0.5 * pen, np.where(trough, bot_y - 0.5 * pen, y)).astype(np.float32)
+    return y, peak | trough
 
 
 def check_line_drawing(ink: np.ndarray, rows: list[float], pitch: float, x0: int, x1: int) -> None:
@@ -165,3 +188,51 @@ def check_line_drawing(ink: np.ndarray, rows: list[float], pitch: float, x0: int
     if density > MAX_INK_DENSITY or x1 - x0 < 0.3 * ink.shape[1]:
         raise DigitizeError(f"no readable ECG traces: {density:.0%} of the trace area is ink, "
                             f"traces span {x1 - x0} of {ink.shape[1]} columns")
+
+
+def pulse_columns(trace: np.ndarray, pitch: float) -> tuple[int, int]:
+    """(columns to drop at the start, at the end) of a followed row for a calibration pulse printed joined to its
+    trace (ECG-Image-Kit and several machines draw the pulse, then the trace with no gap: `trace_extent`'s gap
+    rule cannot see it). A pulse is a flat top well above the baseline, 1-6 % of the row long, rising within the
+    row's first 3 %; ECG waves are not flat that long that high."""
+    return _pulse_at_start(trace, pitch), _pulse_at_start(trace[::-1], pitch)
+
+
+def _pulse_at_start(t: np.ndarray, pitch: float) -> int:
+    n = t.size
+    if n < 100:
+        return 0
+    win = t[:int(0.1 * n)]
+    first = np.flatnonzero(win > 0.12 * pitch)
+    if first.size == 0 or first[0] > 0.03 * n:
+        return 0
+    s = int(first[0])
+    level = float(np.median(win[s:s + max(3, int(0.01 * n))]))
+    if level <= 0.12 * pitch:
+        return 0
+    low = np.convolve((win[s:] < 0.3 * level).astype(np.int8), np.ones(3, np.int8), "valid") == 3
+    if not low.any():
+        return 0
+    fall = s + int(np.argmax(low))  # the plateau ends where the trace stays down for 3 columns
+    top = win[s:fall]
+    flat = np.abs(top - level) <= max(1.5, 0.06 * level)
+    if not 0.01 * n <= top.size <= 0.06 * n or flat.mean() < 0.7:
+        return 0
+    return fall + 1
+
+
+def separator_columns(ink: np.ndarray, base: float, pitch: float, a: int, b: int, n_cols: int) -> list[tuple[int, int]]:
+    """Column ranges (inclusive, page px) of the vertical ticks some printers draw where a row switches lead: a
+    stroke crossing the baseline both ways right at a column boundary. Following the trace there would turn the
+    tick into a spike in the next lead, so the caller bridges these columns."""
+    h = ink.shape[0]
+    reach = max(2, int(round(0.06 * pitch)))
+    lo, hi = max(0, int(round(base - reach))), min(h, int(round(base + reach)) + 1)
+    half = max(2, int(round(0.006 * (b - a))))
+    spans = []
+    for c in range(1, n_cols):
+        xb = int(round(a + (b - a) * c / n_cols))
+        cols = [x for x in range(max(a, xb - half), min(b, xb + half) + 1) if (ink[lo:hi, x] > INK_ON).all()]
+        if cols:
+            spans.append((min(cols) - 1, max(cols) + 1))
+    return spans

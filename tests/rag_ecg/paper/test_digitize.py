@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rag_ecg.paper.digitize import N_SAMPLES, DigitizeError, agreement, canonicalize, digitize
+from rag_ecg.paper.digitize import N_SAMPLES, DigitizeError, canonicalize, digitize
+from rag_ecg.paper.read_quality import agreement as _agree
 from rag_ecg.encoder.model import ECGEncoder
 from rag_ecg.encoder.preprocess import TracePreprocess
 from rag_ecg.data.records import STANDARD_LEADS, read_ludb
@@ -15,11 +16,11 @@ from rag_ecg.paper.render import render_page_and_layout
 
 
 def _agreement(record, image, result) -> tuple[str, float]:
-    """(layout read, `digitize.agreement` of the read with the recorded signal)."""
+    """(layout read, `read_quality.agreement` of the read with the recorded signal)."""
     cfg = result.config
     truth, tmask = canonicalize(record.signal_mv(), record.fs, cfg.layout, cfg.rhythm_lead, result.leads[0].t_start)
     d = digitize(np.asarray(image))
-    return d.layout, agreement(d, truth, tmask)
+    return d.layout, _agree(d.signal, d.mask, truth, tmask)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -151,11 +152,11 @@ def test_agreement_counts_the_leads_a_read_misses(ptb):
     only_i = np.zeros_like(full.mask)
     only_i[0] = full.mask[0]
     lead_i = replace(full, signal=np.where(only_i, full.signal, 0.0), mask=only_i)
-    whole, alone = agreement(full, truth, tmask), agreement(lead_i, truth, tmask)
+    whole, alone = _agree(full.signal, full.mask, truth, tmask), _agree(lead_i.signal, lead_i.mask, truth, tmask)
     assert whole > 0.6
     printed = sum(1 for i in range(truth.shape[0]) if tmask[i].sum() > 50)
     assert printed == 12
     # lead I's own correlation (at most 1), over the 12 leads the page prints
-    assert alone == pytest.approx(agreement(lead_i, truth[:1], tmask[:1]) / printed)
+    assert alone == pytest.approx(_agree(lead_i.signal, lead_i.mask, truth[:1], tmask[:1]) / printed)
     assert alone < whole
-    assert agreement(replace(full, mask=np.zeros_like(full.mask)), truth, tmask) == 0.0
+    assert _agree(full.signal, np.zeros_like(full.mask), truth, tmask) == 0.0

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rag_ecg.paper.digitize import agreement, canonicalize, digitize
+from rag_ecg.paper.digitize import canonicalize, digitize
+from rag_ecg.paper.read_quality import agreement as _agree
 from rag_ecg.paper.layout import RenderConfig
 from rag_ecg.paper.render import render_page_and_layout
 
@@ -17,11 +18,11 @@ def test_sideways_page_reads_like_the_upright_one(ptb, preset):
     truth, tmask = canonicalize(ptb.signal_mv(), ptb.fs, cfg.layout, cfg.rhythm_lead, result.leads[0].t_start)
     upright = digitize(np.asarray(image))
     assert upright.turns == 0 and upright.layout == cfg.layout
-    base = agreement(upright, truth, tmask)
+    base = _agree(upright.signal, upright.mask, truth, tmask)
     for degrees in (90, 270):  # PIL turns counter-clockwise; reading it back takes the other quarter turns
         read = digitize(np.asarray(image.rotate(degrees, expand=True)))
         assert read.turns == (4 - degrees // 90) % 4 and read.layout == cfg.layout, (degrees, read.turns)
-        assert agreement(read, truth, tmask) > base - 0.02, degrees
+        assert _agree(read.signal, read.mask, truth, tmask) > base - 0.02, degrees
 
 
 def test_real_printout_scanned_sideways(shared_data):
