@@ -39,6 +39,7 @@ FS = 100.0  # canonical sampling rate, Hz
 N_SAMPLES = int(T_SECONDS * FS)
 WORK_WIDTH = 1600  # working resolution: page width in pixels (~5.4 px/mm on A4)
 MAX_WORK_HEIGHT = 4 * WORK_WIDTH  # pages taller than 4:1 are refused: the working page stays <= 1600x6400
+FAINT_CORE_PCT = 99.0  # ink percentile that sets full strength on a second read (default 99.7)
 MIN_CONTINUITY = 0.6  # share of columns where a row's line must continue from the previous column
 
 LAYOUT_BY_ROWS = {3: "3x4", 4: "3x4+II", 6: "6x2", 12: "12x1"}
@@ -92,13 +93,13 @@ def digitize(page: np.ndarray, rhythm_lead: str = "II") -> Digitized:
     if page.ndim != 3 or page.shape[2] != 3 or page.dtype != np.uint8:
         raise InputError(f"digitize expects an (H, W, 3) uint8 RGB page, got {page.dtype} {page.shape}")
     try:
-        return _read(*_resize(page), rhythm_lead, 0)
+        return _read_either_contrast(*_resize(page), rhythm_lead, 0)
     except DigitizeError as exc:
         upright_error = exc  # its reason names what was wrong with the page as given
     reads = []
     for turns in (1, 3):
         try:
-            reads.append(_read(*_resize(_turn(page, turns)), rhythm_lead, turns))
+            reads.append(_read_either_contrast(*_resize(_turn(page, turns)), rhythm_lead, turns))
         except DigitizeError:
             continue
     if not reads:
@@ -123,9 +124,22 @@ def _turn(page: np.ndarray, turns: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(page, turns % 4)) if turns % 4 else page
 
 
-def _read(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int) -> Digitized:
+def _read_either_contrast(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int) -> Digitized:
+    """`_read`, and again with the ink scale set by fainter strokes if that finds no trace rows: on thin-pen
+    printouts the labels and lead ticks are far darker than the traces, which then fall below INK_ON."""
+    try:
+        return _read(work, work_scale, rhythm_lead, turns)
+    except DigitizeError as exc:
+        first = exc
+    try:
+        return _read(work, work_scale, rhythm_lead, turns, core_pct=FAINT_CORE_PCT)
+    except DigitizeError:
+        raise first from None
+
+
+def _read(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int, core_pct: float = 99.7) -> Digitized:
     """`digitize` of a page already turned the right way round (bar the deskew angle) and `_resize`d."""
-    ink = ink_map(work)
+    ink = ink_map(work, core_pct)
     angle = deskew_angle(ink)
     if abs(angle) > 0.05:
         ink = rotate(ink, angle)

@@ -15,13 +15,14 @@ cv2.setNumThreads(1)
 INK_ON = 110  # ink strength (0-255) that counts as a pen stroke
 
 
-def ink_map(page: np.ndarray) -> np.ndarray:
+def ink_map(page: np.ndarray, core_pct: float = 99.7) -> np.ndarray:
     """(H, W) uint8 ink strength 0-255: how much darker than the local paper the brightest channel is.
 
     A coloured grid line is bright in at least one channel, a trace is dark in all of them; the local
     paper level (a grey closing over ~3 mm, then smoothed) cancels shadows, glare and paper tone. The
     strength is then stretched so the page's darkest strokes (the traces' cores) reach 255: grey grid
-    lines, which are lighter than the pen, land below INK_ON.
+    lines, which are lighter than the pen, land below INK_ON. A page whose text and ticks are much darker than
+    its traces (a thin-pen printout) is read again with a lower `core_pct` (`digitize`).
     """
     r, g, b = cv2.split(page)
     bright = cv2.GaussianBlur(cv2.max(cv2.max(r, g), b), (3, 3), 0)
@@ -30,7 +31,7 @@ def ink_map(page: np.ndarray) -> np.ndarray:
     paper = cv2.blur(paper, (k, k))
     dark = cv2.divide(cv2.subtract(paper, bright), cv2.max(paper, 40), scale=255)  # uint8, saturating
     sample = dark[::2, ::2]
-    core, texture = (float(v) for v in np.percentile(sample, [99.7, 90.0]))
+    core, texture = (float(v) for v in np.percentile(sample, [core_pct, 90.0]))
     lo = max(0.3 * core, texture + 8.0)  # below: paper texture, noise, colour grid
     hi = max(lo + 32.0, 0.85 * core)  # above: a pen stroke for sure
     return cv2.multiply(cv2.subtract(dark, int(lo)), 1, scale=255.0 / (hi - lo))  # saturates at 0 and 255

@@ -42,13 +42,16 @@ def find_rows(ink: np.ndarray) -> tuple[list[float], float]:
             if pitch < min_gap:
                 continue
             chain = [ys[i]]
-            step = pitch  # follows a slowly changing pitch: a photo taken at an angle squeezes one end
-            while len(chain) < 12:
-                target = chain[-1] + step
-                k = int(np.argmin(np.abs(ys - target)))
-                if abs(ys[k] - target) > max(3.0, 0.12 * step) or ys[k] <= chain[-1]:
+            step, ratio = pitch, 1.0  # follows a changing pitch: a photo taken at an angle squeezes one end,
+            while len(chain) < 12:  # by a steady ratio from row to row (perspective)
+                # the next row where the pitch so far, or its trend, puts it (wrinkled paper: no steady trend)
+                miss, k = min((abs(ys[j] - t), j) for t in (chain[-1] + step, chain[-1] + step * ratio)
+                              for j in [int(np.argmin(np.abs(ys - t)))])
+                if miss > max(3.0, 0.2 * step) or ys[k] <= chain[-1]:
                     break
-                step = 0.5 * step + 0.5 * (ys[k] - chain[-1])
+                new_step = ys[k] - chain[-1]
+                ratio = float(np.clip(new_step / step, 0.75, 1.33)) if len(chain) > 1 else 1.0
+                step = new_step
                 chain.append(ys[k])
             for n in sorted(ROW_COUNTS, reverse=True):
                 if len(chain) >= n:
