@@ -28,17 +28,27 @@ import numpy as np
 
 from rag_ecg.data.records import STANDARD_LEADS
 from rag_ecg.errors import InputError
-from rag_ecg.paper.layout import LEAD_ROWS
 from rag_ecg.paper.ink import deskew_angle, ink_map, remove_grid_lines, rotate
+from rag_ecg.paper.layout import LEAD_ROWS
 from rag_ecg.paper.orientation import row_skew
-from rag_ecg.paper.rows import (DigitizeError, check_line_drawing, find_rows, follow_trace, pulse_columns,
-                                separator_columns, trace_extent)
+from rag_ecg.paper.rows import (
+    DigitizeError,
+    check_line_drawing,
+    find_rows,
+    follow_trace,
+    pulse_columns,
+    pulse_sides,
+    separator_columns,
+    trace_extent,
+)
+from rag_ecg.paper.segmenter import trace_map
 
 T_SECONDS = 10.0  # the canonical page: 10 s (one full row at 25 mm/s)
 FS = 100.0  # canonical sampling rate, Hz
 N_SAMPLES = int(T_SECONDS * FS)
 WORK_WIDTH = 1600  # working resolution: page width in pixels (~5.4 px/mm on A4)
 MAX_WORK_HEIGHT = 4 * WORK_WIDTH  # pages taller than 4:1 are refused: the working page stays <= 1600x6400
+METHODS = ("classical", "learned")  # ink map + grid-line removal | the trace segmenter's map (paper/segmenter.py)
 FAINT_CORE_PCT = 99.0  # ink percentile that sets full strength on a second read (default 99.7)
 MIN_CONTINUITY = 0.6  # share of columns where a row's line must continue from the previous column
 
@@ -65,6 +75,13 @@ class Digitized:
     # per printed lead column: (lead, (x0, y0, x1, y1) working px of the deskewed page, t0 s, t1 s on the 10-s axis)
     raw_px: np.ndarray | None = None  # (12, N) float32 trace height above its row's baseline, working px, NaN where
     # not printed: no detrend, no normalisation (what a millivolt read divides by px/mm x gain)
+    pulses: tuple[int, int] = (0, 0)  # rows starting with a pulse standing up, rows ending in one hanging down
+
+    @property
+    def upside_down(self) -> bool:
+        """Most rows end in a calibration pulse hanging down and none starts with one standing up."""
+        up, down = self.pulses
+        return up == 0 and down >= max(2, (len(self.rows) + 1) // 2)
 
     def picture_points(self, xy: np.ndarray) -> np.ndarray:
         """(n, 2) working-frame (deskewed, turned, resized) x, y -> the same points on the picture as given."""
@@ -84,22 +101,26 @@ class Digitized:
 # ---------------------------------------------------------------- public
 
 
-def digitize(page: np.ndarray, rhythm_lead: str = "II") -> Digitized:
+def digitize(page: np.ndarray, rhythm_lead: str = "II", method: str = "classical") -> Digitized:
     """(H, W, 3) uint8 RGB page -> Digitized. Raises DigitizeError if no trace rows are found.
 
     A page scanned sideways is refused upright, then read both quarter turns (90°, 270°), keeping the read whose
     traces skew upward (`orientation.row_skew`). Upright pages are read exactly as before (one read), so a
-    sideways page costs only pages that would have been refused; a page upside down is read as it lies."""
+    sideways page costs only pages that would have been refused. A page whose rows end in calibration pulses
+    hanging down lies upside down (`rows.pulse_sides`): it is read again turned 180°."""
+    if method not in METHODS:
+        raise InputError(f"digitize method {method!r} is not one of {', '.join(METHODS)}")
     if page.ndim != 3 or page.shape[2] != 3 or page.dtype != np.uint8:
         raise InputError(f"digitize expects an (H, W, 3) uint8 RGB page, got {page.dtype} {page.shape}")
     try:
-        return _read_either_contrast(*_resize(page), rhythm_lead, 0)
+        read = _read_either_contrast(*_resize(page), rhythm_lead, 0, method)
+        return _turned_over(page, read, rhythm_lead, method) if read.upside_down else read
     except DigitizeError as exc:
         upright_error = exc  # its reason names what was wrong with the page as given
     reads = []
     for turns in (1, 3):
         try:
-            reads.append(_read_either_contrast(*_resize(_turn(page, turns)), rhythm_lead, turns))
+            reads.append(_read_either_contrast(*_resize(_turn(page, turns)), rhythm_lead, turns, method))
         except DigitizeError:
             continue
     if not reads:
@@ -119,37 +140,55 @@ def working_page(page: np.ndarray, read: Digitized) -> np.ndarray:
     return work
 
 
+def _turned_over(page: np.ndarray, read: Digitized, rhythm_lead: str, method: str) -> Digitized:
+    """The read of a page lying upside down (`rows.pulse_sides`), turned 180°; the read as given if the turned
+    page does not read, or its pulses do not then stand up at the rows' starts."""
+    try:
+        turned = _read_either_contrast(*_resize(_turn(page, 2)), rhythm_lead, 2, method)
+    except DigitizeError:
+        return read
+    up, down = turned.pulses
+    return turned if down == 0 and up >= max(2, (len(turned.rows) + 1) // 2) else read
+
+
 def _turn(page: np.ndarray, turns: int) -> np.ndarray:
     """The page turned `turns` quarter turns counter-clockwise (contiguous, as OpenCV wants it)."""
     return np.ascontiguousarray(np.rot90(page, turns % 4)) if turns % 4 else page
 
 
-def _read_either_contrast(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int) -> Digitized:
+def _read_either_contrast(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int,
+                          method: str) -> Digitized:
     """`_read`, and again with the ink scale set by fainter strokes if that finds no trace rows: on thin-pen
     printouts the labels and lead ticks are far darker than the traces, which then fall below INK_ON."""
     try:
-        return _read(work, work_scale, rhythm_lead, turns)
+        return _read(work, work_scale, rhythm_lead, turns, method)
     except DigitizeError as exc:
+        if method != "classical":
+            raise
         first = exc
     try:
-        return _read(work, work_scale, rhythm_lead, turns, core_pct=FAINT_CORE_PCT)
+        return _read(work, work_scale, rhythm_lead, turns, method, core_pct=FAINT_CORE_PCT)
     except DigitizeError:
         raise first from None
 
 
-def _read(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int, core_pct: float = 99.7) -> Digitized:
+def _read(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int, method: str,
+          core_pct: float = 99.7) -> Digitized:
     """`digitize` of a page already turned the right way round (bar the deskew angle) and `_resize`d."""
-    ink = ink_map(work, core_pct)
+    learned = method == "learned"
+    ink = trace_map(work) if learned else ink_map(work, core_pct)
     angle = deskew_angle(ink)
     if abs(angle) > 0.05:
         ink = rotate(ink, angle)
-    ink = remove_grid_lines(ink)
+    if not learned:  # the segmenter marks traces only
+        ink = remove_grid_lines(ink)
     rows, pitch = find_rows(ink)
     layout = LAYOUT_BY_ROWS[len(rows)]
     extents = trace_extent(ink, rows, pitch)
     x0, x1 = (int(np.median([e[i] for e in extents])) for i in (0, 1))
     check_line_drawing(ink, rows, pitch, x0, x1)
     followed = [follow_trace(ink, y, pitch, a, b) for y, (a, b) in zip(rows, extents)]
+    up, down = pulse_sides(ink, rows, pitch, extents)
     followed, extents = _trim_pulses(followed, extents, pitch)
     n_cols = [len(leads) for leads in _row_leads(LAYOUT_BY_ROWS[len(rows)], rhythm_lead)]
     for r, (y, (a, b), n) in enumerate(zip(rows, extents, n_cols)):
@@ -182,7 +221,7 @@ def _read(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int, cor
             boxes.append((lead, (a + (b - a) * c / n, rows[row] - 0.5 * pitch, a + (b - a) * (c + 1) / n,
                                  rows[row] + 0.5 * pitch), T_SECONDS * c / n, T_SECONDS * (c + 1) / n))
     return Digitized(signal, mask, layout, float(angle), [float(y) for y in rows], (int(x0), int(x1)),
-                     turns % 4, skew, scale, work_scale, (work.shape[1], work.shape[0]), boxes, raw)
+                     turns % 4, skew, scale, work_scale, (work.shape[1], work.shape[0]), boxes, raw, (up, down))
 
 
 def canonicalize(signal_mv: np.ndarray, fs: float, layout: str = "12x1", rhythm_lead: str = "II",

@@ -1,10 +1,14 @@
-"""Which way round a page is: a page scanned sideways (90° or 270°) is read the right way up.
+"""Which way round a page is: a page scanned sideways (90° or 270°) or upside down is read the right way up.
 
 `digitize` reads a page as given first; only a page refused that way is read turned a quarter both ways, and
 the read whose traces skew upward is kept: QRS spikes point up in most leads a page prints and the calibration
 pulse stands up at a row's left end (`row_skew`). On rendered PTB-XL pages this picks every sideways page right
 (20 fold-9 pages x clean/scan); on the real Khan printouts the skew is weaker (7 of 27 upright pages skew below
--1.9), so it is not used to turn an upright page over: a page upside down (180°) is still read as it lies.
+-1.9), so skew is not used to turn an upright page over. Upside down is told by the pulses instead
+(`rows.pulse_sides`): most rows end in a pulse hanging down and none starts with one standing up, and the page
+turned 180° shows them standing up at the rows' starts. Measured: 52/52 real and ECG-Image-Kit pictures kept
+upright, 40/52 of them turned 180° read the right way up (the rest: no pulse printed, read as they lie); own
+fold-9 pages 40/40 upright, 34/40 at 180°, 79/80 sideways.
 """
 from __future__ import annotations
 

@@ -239,3 +239,33 @@ def separator_columns(ink: np.ndarray, base: float, pitch: float, a: int, b: int
         if cols:
             spans.append((min(cols) - 1, max(cols) + 1))
     return spans
+
+
+def pulse_sides(ink: np.ndarray, rows: list[float], pitch: float, extents: list[tuple[int, int]]) -> tuple[int, int]:
+    """(rows with a pulse standing up at their start, rows with one hanging down at their end): a page that lies
+    upside down shows its calibration pulses at the rows' right ends, pointing down. A pulse's top is a straight
+    horizontal stroke 200 ms long well off the baseline; ECG waves do not draw one that long and level."""
+    up = down = 0
+    h, w = ink.shape
+    on = ink > INK_ON
+    for y, (a, b) in zip(rows, extents):
+        span = b - a
+        need = max(4, int(0.007 * span))  # 70 ms of a 10-s row: pulse tops are 80-200 ms long
+        left = on[:, max(0, a - int(0.06 * span)):min(w, a + int(0.04 * span))]
+        right = on[:, max(0, b - int(0.04 * span)):min(w, b + int(0.06 * span))]
+        up += _level_stroke(left, y, pitch, need, above=True)
+        down += _level_stroke(right, y, pitch, need, above=False)
+    return up, down
+
+
+def _level_stroke(region: np.ndarray, base: float, pitch: float, need: int, above: bool) -> bool:
+    """Whether `region` (a strip of the ink mask) holds a horizontal run of `need` columns on one image row between
+    0.1 and 0.45 pitch above (or below) the baseline (farther is the next row's territory)."""
+    if region.shape[1] < need:
+        return False
+    lo, hi = (base - 0.45 * pitch, base - 0.1 * pitch) if above else (base + 0.1 * pitch, base + 0.45 * pitch)
+    lines = region[max(0, int(lo)):max(0, int(hi))]
+    if lines.size == 0:
+        return False
+    run = cv2.erode(lines.astype(np.uint8), np.ones((1, need), np.uint8))
+    return bool(run.any())

@@ -1,4 +1,4 @@
-"""A page scanned sideways (90° or 270°) is read the right way up: same layout, same traces as upright."""
+"""A page scanned sideways (90° or 270°) or upside down is read the right way up: same layout, same traces."""
 from __future__ import annotations
 
 import numpy as np
@@ -34,3 +34,27 @@ def test_real_printout_scanned_sideways(shared_data):
     both = upright.mask & read.mask
     cors = [np.corrcoef(upright.signal[i][both[i]], read.signal[i][both[i]])[0, 1] for i in range(12)]
     assert np.mean(cors) > 0.95, cors
+
+
+@pytest.mark.parametrize("preset", ["clean", "scan"])
+def test_upside_down_page_is_turned_over(ptb, preset):
+    """Upside down, a page's calibration pulses hang down at the rows' right ends: read turned 180°, it reads as
+    the upright page does; the upright page is not turned (no pulse hangs down there)."""
+    image, result = render_page_and_layout(ptb, preset=preset, config=RenderConfig(dpi=100), seed=5)
+    cfg = result.config
+    truth, tmask = canonicalize(ptb.signal_mv(), ptb.fs, cfg.layout, cfg.rhythm_lead, result.leads[0].t_start)
+    upright = digitize(np.asarray(image))
+    assert upright.turns == 0 and not upright.upside_down
+    read = digitize(np.asarray(image.rotate(180)))
+    assert read.turns == 2 and read.layout == cfg.layout
+    assert _agree(read.signal, read.mask, truth, tmask) > _agree(upright.signal, upright.mask, truth, tmask) - 0.02
+
+
+@pytest.mark.parametrize("name", ["khan/NORMAL_0057.jpg", "ecg-image-kit"])
+def test_real_and_foreign_pages_upside_down(shared_data, name):
+    """A real hospital printout and another renderer's page, turned 180°, are read the right way up."""
+    path = (shared_data / "real-pictures" / name if name.startswith("khan")
+            else sorted((shared_data / "ecg-image-kit" / "pages").glob("*.png"))[0])
+    image = Image.open(path).convert("RGB")
+    assert digitize(np.asarray(image)).turns == 0
+    assert digitize(np.asarray(image.rotate(180))).turns == 2
