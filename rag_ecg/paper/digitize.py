@@ -302,7 +302,7 @@ def _resize(page: np.ndarray) -> tuple[np.ndarray, float]:
         return page, 1.0
     scale = WORK_WIDTH / w
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-    k = int(np.ceil(1.0 / scale - 0.05))
+    k = int(round(1.0 / scale))
     if k >= 2:  # a minimum filter first: averaging alone fades a 1-px pen line (and its QRS spikes) below INK_ON
         page = cv2.erode(page, np.ones((k, k), np.uint8))
     return cv2.resize(page, (WORK_WIDTH, max(8, int(round(h * scale)))), interpolation=interp), scale

@@ -178,8 +178,18 @@ def _column_heights(top_y: np.ndarray, bot_y: np.ndarray) -> tuple[np.ndarray, n
     tall = bot_y - top_y > pen + 1.5
     peak = tall & (top_y <= np.minimum(t_l, t_r)) & (top_y < np.maximum(t_l, t_r) - 0.5)  # a 2-column top too
     trough = tall & (bot_y >= np.maximum(b_l, b_r)) & (bot_y > np.minimum(b_l, b_r) + 0.5) & ~peak
+    peak, trough = _centres(peak), _centres(trough)  # a turn 2-3 columns wide (a thick pen) peaks once
     y = np.where(peak, top_y + 0.5 * pen, np.where(trough, bot_y - 0.5 * pen, y)).astype(np.float32)
     return y, peak | trough
+
+
+def _centres(flags: np.ndarray) -> np.ndarray:
+    """Only the middle column of each run of flagged columns stays flagged."""
+    out = np.zeros_like(flags)
+    d = np.diff(np.r_[0, flags.astype(np.int8), 0])
+    starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1) - 1
+    out[(starts + ends) // 2] = True
+    return out
 
 
 def check_line_drawing(ink: np.ndarray, rows: list[float], pitch: float, x0: int, x1: int) -> None:
