@@ -142,6 +142,32 @@ def render(inputs: list[Path] = typer.Argument(..., help="WFDB records (.hea) or
     console.print(f"{len(written)} images written to {out}")
 
 
+@app.command()
+def digitize(images: list[Path] = typer.Argument(..., help="pictures (PNG/JPEG/BMP/TIFF/PDF page 1) or folders of them"),
+             out: Path = typer.Option(..., "--out", help="output folder"),
+             speed: float = typer.Option(25.0, help="paper speed, mm/s"),
+             gain: Optional[float] = typer.Option(None, help="gain, mm/mV (default: 10, or 5/20 where the "
+                                                  "calibration pulse shows it)"),
+             force: bool = typer.Option(False, "--force", help="read pictures whose outputs already exist again"),
+             method: str = typer.Option("classical", help="classical (ink map; best on other renderers' pages) or "
+                                        "learned (the shipped trace segmenter)")) -> None:
+    """Read ECG pictures into signals: per picture DIR/<stem>.hea/.dat (WFDB, 12 leads, mV, 500 Hz, 10 s; NaN where
+    a lead is not printed), <stem>.json (layout, lead boxes, px/mm and its source, quality), <stem>.overlay.png.
+
+    Resumable (pictures whose outputs exist are skipped). Exit code: 0 all pictures read or skipped; 2 some could
+    not be read (one line each names the file and why)."""
+    from rag_ecg.paper.digitize_job import run_batch
+
+    def report(line: str) -> None:
+        err.print(f"[red]error:[/] {line}", markup=True, highlight=False, soft_wrap=True)
+
+    summary = run_batch(images, out, speed_mm_s=speed, gain_mm_mv=gain, force=force, console=err, report=report,
+                        method=method)
+    console.print(summary.text(), soft_wrap=True)
+    if summary.failed:
+        raise typer.Exit(2)
+
+
 @app.command("train-encoder")
 def train_encoder(config: Path = typer.Option(Path("training/configs/encoder_cpu.yaml"), help="YAML config"),
                   set_: list[str] = typer.Option([], "--set", help="override a config field: key=value"),
@@ -151,6 +177,17 @@ def train_encoder(config: Path = typer.Option(Path("training/configs/encoder_cpu
 
     overrides = list(set_) + ([f"db={db}"] if db else [])
     console.print(f"checkpoint: {main(config, overrides)}")
+
+
+@app.command("train-segmenter")
+def train_segmenter(config: Path = typer.Option(Path("training/configs/segmenter.yaml"), help="YAML config"),
+                    set_: list[str] = typer.Option([], "--set", help="override a config field: key=value"),
+                    export: bool = typer.Option(False, help="also write the shipped weights "
+                                                "(rag_ecg/paper/weights)")) -> None:
+    """Train the trace segmenter on rendered pages' pixel-exact trace masks; prints the weights file."""
+    from training.train_segmenter import main
+
+    console.print(f"segmenter: {main(config, list(set_), export)}")
 
 
 @app.command("eval-encoder")

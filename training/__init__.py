@@ -1,6 +1,6 @@
 """The jobs that build the models, run from the checkout (`python cli.py train-encoder | eval-encoder |
-build-instructions | finetune | convert-pulse`, or `torchrun training/<recipe>.py`); they import `rag_ecg`,
-never the other way round.
+build-instructions | finetune | convert-pulse | train-segmenter`, or `torchrun training/<recipe>.py`); they
+import `rag_ecg`, never the other way round.
 
 Shared by the recipes
     common.py               DDP process group, RNG state, torch thread guard, metrics log, saved config
@@ -11,6 +11,11 @@ Contrastive ECG encoder (`train_encoder.py` is the recipe: setup -> train_epoch 
     encoder_objective.py    CLIP + superclass head module, loss, AdamW groups, LR schedule, autocast
     encoder_checkpoint.py   run_dir/last: resumable optimizer/scheduler/RNG state
     train_encoder.py        the recipe, quick validation, `main`, `evaluate_checkpoint` (eval-encoder)
+
+Trace segmenter (`train_segmenter.py` is the recipe; `--export` writes rag_ecg/paper/weights/)
+    segmenter_config.py     SegmenterTrainConfig + load_config (YAML + overrides)
+    segmenter_data.py       PTB-XL folds 1-8 drawn under every preset with pixel-exact pen masks, crops of them
+    train_segmenter.py      BCE + dice on crops, resumable run_dir/last, F1 vs the ink map, export
 
 Instruction data for the LLM fine-tune (`build_instructions.py` is the job)
     instruction_config.py   InstructionConfig (task families, evidence share, renders, splits)

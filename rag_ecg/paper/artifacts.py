@@ -112,40 +112,58 @@ def _background(rng: np.random.Generator) -> tuple[int, int, int]:
 # ---------------------------------------------------------------- geometry
 
 
+def _rotation(h: int, w: int, strength: float, rng: np.random.Generator) -> np.ndarray:
+    angle = float(rng.uniform(-1, 1)) * 6.0 * strength
+    return cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+
+
 def rotate(img: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
     """Rotate about the centre by up to ±6°·strength (a page laid crooked on a scanner)."""
     h, w = img.shape[:2]
-    angle = float(rng.uniform(-1, 1)) * 6.0 * strength
-    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+    m = _rotation(h, w, strength, rng)
     return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                           borderValue=_background(rng))
 
 
-def perspective(img: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """Phone-camera perspective: each corner moves inward by up to 14%·strength; desk shows around it."""
-    h, w = img.shape[:2]
+def _homography(h: int, w: int, strength: float, rng: np.random.Generator) -> np.ndarray:
     src = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
     inward = rng.uniform(0.01, 0.14, (4, 2)) * strength * np.float32([w, h])
     sign = np.float32([[1, 1], [-1, 1], [-1, -1], [1, -1]])
     shift = rng.normal(0, 0.02 * strength, 2) * np.float32([w, h])  # the page is rarely centred
     dst = (src + inward * sign + shift).astype(np.float32)
-    m = cv2.getPerspectiveTransform(src, dst)
+    return cv2.getPerspectiveTransform(src, dst)
+
+
+def perspective(img: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Phone-camera perspective: each corner moves inward by up to 14%·strength; desk shows around it."""
+    h, w = img.shape[:2]
+    m = _homography(h, w, strength, rng)
     return cv2.warpPerspective(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                                borderValue=_background(rng))
+
+
+def _placement(h: int, w: int, strength: float, rng: np.random.Generator):
+    """crop_pad's draws, in order: the part kept (x0, y0, x1, y1), the fill, where the part lands (ox, oy)."""
+    cut = rng.uniform(0, 0.15 * strength, 4) * np.array([w, h, w, h])
+    x0, y0 = int(cut[0]), int(cut[1])
+    x1, y1 = max(x0 + 1, w - int(cut[2])), max(y0 + 1, h - int(cut[3]))
+    fill = _background(rng) if rng.random() < 0.6 else (255, 255, 255)
+    ox = int(rng.integers(0, w - (x1 - x0) + 1))
+    oy = int(rng.integers(0, h - (y1 - y0) + 1))
+    return (x0, y0, x1, y1), fill, ox, oy
+
+
+def _place(img: np.ndarray, box, out: np.ndarray, ox: int, oy: int) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    out[oy:oy + y1 - y0, ox:ox + x1 - x0] = img[y0:y1, x0:x1]
+    return out
 
 
 def crop_pad(img: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
     """Cut up to 15%·strength off each side and shift the rest on a background of the same size."""
     h, w = img.shape[:2]
-    cut = rng.uniform(0, 0.15 * strength, 4) * np.array([w, h, w, h])
-    x0, y0 = int(cut[0]), int(cut[1])
-    x1, y1 = max(x0 + 1, w - int(cut[2])), max(y0 + 1, h - int(cut[3]))
-    part = img[y0:y1, x0:x1]
-    out = filled(h, w, _background(rng) if rng.random() < 0.6 else (255, 255, 255))
-    ox = int(rng.integers(0, w - part.shape[1] + 1))
-    oy = int(rng.integers(0, h - part.shape[0] + 1))
-    out[oy:oy + part.shape[0], ox:ox + part.shape[1]] = part
-    return out
+    box, fill, ox, oy = _placement(h, w, strength, rng)
+    return _place(img, box, filled(h, w, fill), ox, oy)
 
 
 # ---------------------------------------------------------------- paper
@@ -187,24 +205,33 @@ def creases(img: np.ndarray, strength: float, rng: np.random.Generator) -> np.nd
 
 def wrinkles(img: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
     """Crumpled paper: ridged height field (sharp folds) shades the page, lit from one side, and bends lines."""
-    h, w = img.shape[:2]
-    f = 4  # the field is smooth: work at 1/4 resolution, upsample the shade and the displacement
-    ch, cw = max(4, h // f), max(4, w // f)
-    height = np.zeros((ch, cw), np.float32)
-    for cells, amp in ((int(rng.integers(3, 6)), 1.0), (int(rng.integers(7, 12)), 0.35)):
-        n = _smooth_field(ch, cw, rng, cells, out_factor=1)
-        height += amp * (1.0 - np.abs(n))  # ridges where the noise crosses zero
-    height /= 1.35
+    height = _paper_height(img.shape[0], img.shape[1], rng)
+    ch, cw = height.shape
     gy, gx = np.gradient(height)  # per coarse pixel
     light = rng.uniform(0, 2 * math.pi)
     slope = (gx * math.cos(light) + gy * math.sin(light)) * (max(ch, cw) / 12.0)
     shade = 1.0 + 0.12 * strength * slope - 0.06 * strength * (1.0 - height)
+    return _multiply(_bend(img, height, strength), np.clip(shade, 0.5, 1.3).astype(np.float32))
+
+
+def _paper_height(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """The crumpled paper's height field at 1/4 resolution (smooth: the shade and bend are upsampled)."""
+    ch, cw = max(4, h // 4), max(4, w // 4)
+    height = np.zeros((ch, cw), np.float32)
+    for cells, amp in ((int(rng.integers(3, 6)), 1.0), (int(rng.integers(7, 12)), 0.35)):
+        n = _smooth_field(ch, cw, rng, cells, out_factor=1)
+        height += amp * (1.0 - np.abs(n))  # ridges where the noise crosses zero
+    return height / 1.35
+
+
+def _bend(img: np.ndarray, height: np.ndarray, strength: float) -> np.ndarray:
+    """Displace `img` (any channel count) along the height field: the lines bent by the wrinkles."""
+    h, w = img.shape[:2]
     amp = 5.0 * strength * _scale(img)
     dx = cv2.resize((amp * (height - 0.5)).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    dy = cv2.resize((amp * 0.7 * (np.roll(height, ch // 3, axis=0) - 0.5)).astype(np.float32), (w, h),
+    dy = cv2.resize((amp * 0.7 * (np.roll(height, height.shape[0] // 3, axis=0) - 0.5)).astype(np.float32), (w, h),
                     interpolation=cv2.INTER_LINEAR)
-    bent = cv2.remap(img, dx, dy, cv2.INTER_LINEAR | cv2.WARP_RELATIVE_MAP, borderMode=cv2.BORDER_REPLICATE)
-    return _multiply(bent, np.clip(shade, 0.5, 1.3).astype(np.float32))
+    return cv2.remap(img, dx, dy, cv2.INTER_LINEAR | cv2.WARP_RELATIVE_MAP, borderMode=cv2.BORDER_REPLICATE)
 
 
 def text_stamps(img: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
@@ -411,6 +438,25 @@ def apply_artifact(image: Image.Image, name: str, strength: float, seed: int = 0
 def apply_artifact_array(arr: np.ndarray, name: str, strength: float, seed: int = 0) -> np.ndarray:
     """One artifact on an (H, W, 3) uint8 RGB array (the presets' fast path); same seed, same pixels."""
     return ARRAY_ARTIFACTS[name](arr, float(strength), artifact_rng(seed, _salt(name)))
+
+
+def warp_mask_array(mask: np.ndarray, name: str, strength: float, seed: int = 0) -> np.ndarray:
+    """Move an (H, W) uint8 mask of a page exactly as artifact `name` moves the page's pixels (same seed,
+    same draws); zero where the warp uncovers the background. Photometric artifacts leave a mask as is."""
+    h, w = mask.shape[:2]
+    rng = artifact_rng(seed, _salt(name))
+    if name == "rotate":
+        return cv2.warpAffine(mask, _rotation(h, w, strength, rng), (w, h), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    if name == "perspective":
+        return cv2.warpPerspective(mask, _homography(h, w, strength, rng), (w, h), flags=cv2.INTER_LINEAR,
+                                   borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    if name == "crop_pad":
+        box, _, ox, oy = _placement(h, w, strength, rng)
+        return _place(mask, box, np.zeros_like(mask), ox, oy)
+    if name == "wrinkles":
+        return _bend(mask, _paper_height(h, w, rng), strength)
+    return mask
 
 
 def _salt(name: str) -> int:

@@ -31,9 +31,13 @@ def render_record(record: ECGRecord, config: RenderConfig | None = None, seed: i
     return result
 
 
-def render_array(record: ECGRecord, config: RenderConfig | None = None,
-                 seed: int = 0) -> tuple[np.ndarray, RenderResult]:
-    """`render_record` without the PIL wrap: the page as (H, W, 3) uint8 RGB (result.image is None)."""
+def render_array(record: ECGRecord, config: RenderConfig | None = None, seed: int = 0,
+                 trace_mask: np.ndarray | None = None) -> tuple[np.ndarray, RenderResult]:
+    """`render_record` without the PIL wrap: the page as (H, W, 3) uint8 RGB (result.image is None).
+
+    `trace_mask`, an (H, W) uint8 zero array, receives the pen's coverage (0-255) of everything drawn with it:
+    traces, calibration pulses and separator ticks (not text, not grid): the segmenter's labels (`trace_labels`).
+    """
     cfg = (config or RenderConfig()).validate()
     sig = record.signal_mv()
     fs = float(record.fs)
@@ -67,6 +71,8 @@ def render_array(record: ECGRecord, config: RenderConfig | None = None,
                            xa + 1.0 + 0.2 * cfg.speed_mm_s, geo.trace_x0_mm - 1.0]) * ppm
             ys = np.array([0, 0, 1, 1, 0, 0], np.float64) * -px_per_mv + base
             polyline(canvas, xs, ys, color, thick)
+            if trace_mask is not None:
+                polyline(trace_mask, xs, ys, (255,), thick)
             cal_boxes.append((int(math.floor(xs[0] - half)) - 1, int(math.floor(base - px_per_mv - half)) - 1,
                               int(math.ceil(xs[-1] + half)) + 2, int(math.ceil(base + half)) + 2))
         n_cols = len(row.leads)
@@ -87,9 +93,13 @@ def render_array(record: ECGRecord, config: RenderConfig | None = None,
                 ys = np.clip(ys, box[1] + half + 1, box[3] - 2 - half)
             xs = np.clip(xs, box[0] + half + 1, box[2] - 2 - half)
             polyline(canvas, xs, ys, color, thick)
+            if trace_mask is not None:
+                polyline(trace_mask, xs, ys, (255,), thick)
             if cfg.separators and c > 0:
                 tick = 2.5 * ppm
                 polyline(canvas, np.array([bx0, bx0]), np.array([base - tick, base + tick]), color, thick)
+                if trace_mask is not None:
+                    polyline(trace_mask, np.array([bx0, bx0]), np.array([base - tick, base + tick]), (255,), thick)
             boxes.append(LeadBox(lead, box, round(t0, 6), round(t1, 6), float(base), row.rhythm))
             if cfg.labels:
                 draw_text(canvas, lead, (bx0 + 1.0 * ppm, y_top + 0.8 * ppm), font_px, color)

@@ -78,7 +78,7 @@ def trace_extent(ink: np.ndarray, rows: list[float], pitch: float) -> list[tuple
     """
     h, w = ink.shape
     half = max(2, int(0.45 * pitch))
-    bridge = max(3, w // 180)
+    bridge = max(3, w // 60)
     found: list[tuple[int, int] | None] = []
     for y in rows:
         a, b = max(0, int(y) - half), min(h, int(y) + half + 1)
@@ -121,7 +121,8 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int,
     Per column the ink runs inside the row's band are found; the one nearest the previous point is the
     trace, and of that run the end farther from the previous point is taken (a run spans where the pen
     came from to where it went). A run farther than a quarter pitch away is a label, a neighbour's
-    spike or a stamp, not this trace: such columns, and empty ones, carry the previous point.
+    spike or a stamp, not this trace: such columns, and empty ones, carry the previous point, as do runs
+    crossing the whole band (a printed column rule: following it leads up into the next row or the header).
     Continuity is the share of columns whose run touches the previous point (a pen line: ~1).
     A column's height is its run's middle, except at a peak (the run's top above both neighbours' tops) or a
     trough, where it is that end less half a pen width: a thin pen's QRS turns inside one or two columns, and
@@ -140,6 +141,7 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int,
     bounds = np.searchsorted(sc, np.arange(n_cols + 1)).tolist()
     starts, ends = sr.tolist(), (er - 1).tolist()
     jump = 0.25 * pitch
+    last = on.shape[1] - 1
     run_s, run_e = [0.0] * n_cols, [0.0] * n_cols
     prev = float(base - top)
     locked = False
@@ -148,6 +150,8 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int,
         best, best_d = -1, (jump if locked else float(on.shape[1]))
         for k in range(bounds[x], bounds[x + 1]):
             s, e = starts[k], ends[k]
+            if s == 0 and e == last:  # a line across the whole band (a column rule, a box edge): not a pen trace
+                continue
             d = s - prev if s > prev else (prev - e if e < prev else 0.0)
             if d <= best_d:
                 best, best_d = k, d
