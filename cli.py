@@ -149,8 +149,9 @@ def digitize(images: list[Path] = typer.Argument(..., help="pictures (PNG/JPEG/B
              gain: Optional[float] = typer.Option(None, help="gain, mm/mV (default: 10, or 5/20 where the "
                                                   "calibration pulse shows it)"),
              force: bool = typer.Option(False, "--force", help="read pictures whose outputs already exist again"),
-             method: str = typer.Option("classical", help="classical (ink map; best on other renderers' pages) or "
-                                        "learned (the shipped trace segmenter)")) -> None:
+             method: str = typer.Option("auto", help="auto (classical, the learned segmenter where it fails), "
+                                        "classical (ink map; best on other renderers' pages) or learned "
+                                        "(the shipped trace segmenter)")) -> None:
     """Read ECG pictures into signals: per picture DIR/<stem>.hea/.dat (WFDB, 12 leads, mV, 500 Hz, 10 s; NaN where
     a lead is not printed), <stem>.json (layout, lead boxes, px/mm and its source, quality), <stem>.overlay.png.
 

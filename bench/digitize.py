@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--dpi", type=int, default=100, help="dpi of the own pages")
     ap.add_argument("--sets", default="own,kit,real")
     ap.add_argument("--presets", default="clean,scan,photo,random")
-    ap.add_argument("--methods", default="classical,learned")
+    ap.add_argument("--methods", default="classical,learned,auto")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m != "learned" or default_segmenter() is not None]

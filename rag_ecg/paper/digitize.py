@@ -41,14 +41,15 @@ from rag_ecg.paper.rows import (
     separator_columns,
     trace_extent,
 )
-from rag_ecg.paper.segmenter import trace_map
+from rag_ecg.paper.segmenter import default_segmenter, trace_map
 
 T_SECONDS = 10.0  # the canonical page: 10 s (one full row at 25 mm/s)
 FS = 100.0  # canonical sampling rate, Hz
 N_SAMPLES = int(T_SECONDS * FS)
 WORK_WIDTH = 1600  # working resolution: page width in pixels (~5.4 px/mm on A4)
 MAX_WORK_HEIGHT = 4 * WORK_WIDTH  # pages taller than 4:1 are refused: the working page stays <= 1600x6400
-METHODS = ("classical", "learned")  # ink map + grid-line removal | the trace segmenter's map (paper/segmenter.py)
+METHODS = ("auto", "classical", "learned")  # classical, learned where it fails | ink map + grid-line removal |
+# the trace segmenter's map (paper/segmenter.py)
 FAINT_CORE_PCT = 99.0  # ink percentile that sets full strength on a second read (default 99.7)
 MIN_CONTINUITY = 0.6  # share of columns where a row's line must continue from the previous column
 
@@ -76,6 +77,7 @@ class Digitized:
     raw_px: np.ndarray | None = None  # (12, N) float32 trace height above its row's baseline, working px, NaN where
     # not printed: no detrend, no normalisation (what a millivolt read divides by px/mm x gain)
     pulses: tuple[int, int] = (0, 0)  # rows starting with a pulse standing up, rows ending in one hanging down
+    method: str = "classical"  # what read the page: "classical" (the ink map) or "learned" (the segmenter's map)
 
     @property
     def upside_down(self) -> bool:
@@ -101,7 +103,7 @@ class Digitized:
 # ---------------------------------------------------------------- public
 
 
-def digitize(page: np.ndarray, rhythm_lead: str = "II", method: str = "classical") -> Digitized:
+def digitize(page: np.ndarray, rhythm_lead: str = "II", method: str = "auto") -> Digitized:
     """(H, W, 3) uint8 RGB page -> Digitized. Raises DigitizeError if no trace rows are found.
 
     A page scanned sideways is refused upright, then read both quarter turns (90°, 270°), keeping the read whose
@@ -158,18 +160,26 @@ def _turn(page: np.ndarray, turns: int) -> np.ndarray:
 
 def _read_either_contrast(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int,
                           method: str) -> Digitized:
-    """`_read`, and again with the ink scale set by fainter strokes if that finds no trace rows: on thin-pen
-    printouts the labels and lead ticks are far darker than the traces, which then fall below INK_ON."""
+    """`_read` by `method`. Classical: again with the ink scale set by fainter strokes if that finds no trace rows
+    (on thin-pen printouts the labels and lead ticks are far darker than the traces, which fall below INK_ON).
+    Auto: classical as that, then the learned segmenter's map (it follows some hard photos the ink map loses,
+    while the ink map reads other renderers' pages better: bench/digitize.py). The first failure's reason is
+    the one reported."""
+    if method == "learned":
+        return _read(work, work_scale, rhythm_lead, turns, "learned")
     try:
-        return _read(work, work_scale, rhythm_lead, turns, method)
+        return _read(work, work_scale, rhythm_lead, turns, "classical")
     except DigitizeError as exc:
-        if method != "classical":
-            raise
         first = exc
-    try:
-        return _read(work, work_scale, rhythm_lead, turns, method, core_pct=FAINT_CORE_PCT)
-    except DigitizeError:
-        raise first from None
+    fallbacks = [("classical", FAINT_CORE_PCT)]
+    if method == "auto" and default_segmenter() is not None:
+        fallbacks.append(("learned", 99.7))
+    for how, core_pct in fallbacks:
+        try:
+            return _read(work, work_scale, rhythm_lead, turns, how, core_pct=core_pct)
+        except DigitizeError:
+            continue
+    raise first from None
 
 
 def _read(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int, method: str,
@@ -221,7 +231,7 @@ def _read(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int, met
             boxes.append((lead, (a + (b - a) * c / n, rows[row] - 0.5 * pitch, a + (b - a) * (c + 1) / n,
                                  rows[row] + 0.5 * pitch), T_SECONDS * c / n, T_SECONDS * (c + 1) / n))
     return Digitized(signal, mask, layout, float(angle), [float(y) for y in rows], (int(x0), int(x1)),
-                     turns % 4, skew, scale, work_scale, (work.shape[1], work.shape[0]), boxes, raw, (up, down))
+                     turns % 4, skew, scale, work_scale, (work.shape[1], work.shape[0]), boxes, raw, (up, down), method)
 
 
 def canonicalize(signal_mv: np.ndarray, fs: float, layout: str = "12x1", rhythm_lead: str = "II",

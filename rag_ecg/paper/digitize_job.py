@@ -93,7 +93,7 @@ def stems_for(paths: Sequence[Path]) -> list[str]:
 
 
 def digitize_picture(path: Path, out_dir: Path, stem: str, speed_mm_s: float = 25.0,
-                     gain_mm_mv: float | None = None, method: str = "classical") -> dict:
+                     gain_mm_mv: float | None = None, method: str = "auto") -> dict:
     """Read one picture and write its outputs; returns its JSON. Raises RagEcgError when it cannot be read."""
     start = time.perf_counter()
     picture = np.asarray(load_image(path))
@@ -103,12 +103,12 @@ def digitize_picture(path: Path, out_dir: Path, stem: str, speed_mm_s: float = 2
     cal = calibrate(work, read, speed_mm_s=speed_mm_s, gain_mm_mv=gain_mm_mv, ink=ink)
     quality = read_quality(read, ink)
     return write_outputs(out_dir, stem, picture, read, cal, quality, source=str(path),
-                         extra={"method": method, "seconds": round(time.perf_counter() - start, 3)})
+                         extra={"method": read.method, "seconds": round(time.perf_counter() - start, 3)})
 
 
 def iter_digitize(paths: Sequence[Path], out_dir: str | Path, speed_mm_s: float = 25.0,
                   gain_mm_mv: float | None = None, force: bool = False,
-                  method: str = "classical") -> Iterator[PictureResult]:
+                  method: str = "auto") -> Iterator[PictureResult]:
     """Each picture's result as it is done (see `digitize_picture`); failures are results, not exceptions."""
     out_dir = Path(out_dir)
     for path, stem in zip(paths, stems_for(paths)):
@@ -130,7 +130,7 @@ def iter_digitize(paths: Sequence[Path], out_dir: str | Path, speed_mm_s: float 
 
 def run_batch(inputs: Sequence[str | Path], out_dir: str | Path, speed_mm_s: float = 25.0,
               gain_mm_mv: float | None = None, force: bool = False, console: Console | None = None,
-              report: Callable[[str], None] | None = None, method: str = "classical") -> DigitizeSummary:
+              report: Callable[[str], None] | None = None, method: str = "auto") -> DigitizeSummary:
     """`iter_digitize` over the pictures of `inputs`, with a progress bar on `console` (none if None); each
     failure's line goes to `report` as it happens. Raises InputError when the inputs hold no picture at all."""
     if method not in METHODS:

@@ -49,6 +49,21 @@ def test_photographed_page_keeps_most_of_the_signal(ptb):
     assert read == "3x4+II" and corr > 0.4, (read, corr)
 
 
+def test_auto_reads_with_the_segmenter_where_the_ink_map_loses_a_photo(ptb):
+    """A phone photo the classical ink map cannot follow (rows broken) is read by the shipped trace segmenter under
+    the default `auto`; the read says which map read it, and follows the recorded signal."""
+    image, result = render_page_and_layout(ptb, preset="photo", config=RenderConfig(dpi=100), seed=24)
+    with pytest.raises(DigitizeError):
+        digitize(np.asarray(image), method="classical")
+    read = digitize(np.asarray(image))
+    cfg = result.config
+    truth, tmask = canonicalize(ptb.signal_mv(), ptb.fs, cfg.layout, cfg.rhythm_lead, result.leads[0].t_start)
+    assert read.method == "learned" and read.layout == cfg.layout
+    assert _agree(read.signal, read.mask, truth, tmask) > 0.15  # measured 0.20: weak, but the signal, not noise
+    assert digitize(np.asarray(image), method="learned").layout == cfg.layout
+    assert digitize(np.asarray(render_page_and_layout(ptb, config=RenderConfig(dpi=100))[0])).method == "classical"
+
+
 def test_blank_and_non_ecg_pages_are_refused():
     with pytest.raises(DigitizeError):
         digitize(np.full((600, 800, 3), 250, np.uint8))
