@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rag_ecg import paths  # noqa: E402
 from rag_ecg.data.ecg_image_kit import read_kit_pages  # noqa: E402
 from rag_ecg.data.images import load_image, to_rgb  # noqa: E402
-from rag_ecg.data.records import ptbxl_record, read_ptbxl_index  # noqa: E402
+from rag_ecg.data.records import STANDARD_LEADS, ptbxl_record, read_ptbxl_index  # noqa: E402
 from rag_ecg.paper.calibration import calibrate  # noqa: E402
 from rag_ecg.paper.digitize import FS, DigitizeError, digitize, working_page  # noqa: E402
 from rag_ecg.paper.read_quality import snr_db  # noqa: E402
@@ -91,9 +91,8 @@ def _own_truth(rec, result) -> np.ndarray:
     t = result.leads[0].t_start + np.arange(int(10 * FS)) / FS
     truth = np.full((12, t.size), np.nan, np.float32)
     src = np.arange(sig.shape[0]) / rec.fs
-    names = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
     for box in result.leads:
-        i = names.index(box.lead)
+        i = STANDARD_LEADS.index(box.lead)
         m = (t >= box.t_start) & (t < box.t_end)
         truth[i, m] = np.interp(t[m], src, sig[:, i])
     return truth

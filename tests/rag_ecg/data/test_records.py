@@ -79,6 +79,15 @@ def _rewrite_header(base: Path, fn) -> None:
     base.with_suffix(".hea").write_text("\n".join(fn(lines)) + "\n")
 
 
+def _set_record_field(base: Path, index: int, value: str) -> None:
+    """Rewrite one field of the header's record line (2: sampling rate, 3: samples per signal)."""
+    def edit(lines):
+        f = lines[0].split()
+        f[index] = value
+        return [" ".join(f)] + lines[1:]
+    _rewrite_header(base, edit)
+
+
 def test_real_copy_reads(real_copy):
     assert read_wfdb(real_copy).signal.shape == (1000, 12)
 
@@ -91,11 +100,7 @@ def test_truncated_dat(real_copy):
 
 
 def test_header_lies_about_length(real_copy):
-    def longer(lines):
-        f = lines[0].split()
-        f[3] = "2000"
-        return [" ".join(f)] + lines[1:]
-    _rewrite_header(real_copy, longer)
+    _set_record_field(real_copy, 3, "2000")
     with pytest.raises(RecordError, match=r"00024_lr: header says 2000 samples but 00024_lr.dat holds 1000"):
         read_wfdb(real_copy)
 
@@ -112,11 +117,7 @@ def test_missing_header(tmp_path):
 
 
 def test_wrong_sampling_rate(real_copy):
-    def slow(lines):
-        f = lines[0].split()
-        f[2] = "10"
-        return [" ".join(f)] + lines[1:]
-    _rewrite_header(real_copy, slow)
+    _set_record_field(real_copy, 2, "10")
     with pytest.raises(RecordError, match=r"00024_lr: sampling rate 10 Hz"):
         read_wfdb(real_copy)
 
@@ -178,11 +179,7 @@ def test_a_long_holter_record_is_read_up_to_max_seconds_only(real_copy):
     one = dat.read_bytes()
     dat.write_bytes(one * 360)
 
-    def hour(lines):
-        f = lines[0].split()
-        f[3] = str(1000 * 360)
-        return [" ".join(f)] + lines[1:]
-    _rewrite_header(real_copy, hour)
+    _set_record_field(real_copy, 3, str(1000 * 360))
     rec = read_wfdb(real_copy)
     assert rec.signal.shape == (int(MAX_SECONDS * 100), 12) and rec.duration_s == MAX_SECONDS
     assert rec.extra["seconds_in_file"] == 3600.0
@@ -190,11 +187,7 @@ def test_a_long_holter_record_is_read_up_to_max_seconds_only(real_copy):
 
 
 def test_a_truncated_holter_is_still_refused(real_copy):
-    def hour(lines):
-        f = lines[0].split()
-        f[3] = str(1000 * 360)
-        return [" ".join(f)] + lines[1:]
-    _rewrite_header(real_copy, hour)
+    _set_record_field(real_copy, 3, str(1000 * 360))
     with pytest.raises(RecordError, match=r"00024_lr: header says 360000 samples but 00024_lr.dat holds 1000"):
         read_wfdb(real_copy)
 
@@ -227,11 +220,7 @@ def test_a_multi_segment_header_cannot_climb_out_either(tmp_path, real_copy):
 def test_header_limits_are_checked_before_any_signal_is_read(real_copy):
     real_copy.with_suffix(".dat").unlink()  # had the signal been read, this would say "signal file missing"
 
-    def fast(lines):
-        f = lines[0].split()
-        f[2] = "1000000"
-        return [" ".join(f)] + lines[1:]
-    _rewrite_header(real_copy, fast)
+    _set_record_field(real_copy, 2, "1000000")
     with pytest.raises(RecordError, match=r"^00024_lr: sampling rate 1e\+06 Hz is outside 50-20000 Hz$"):
         read_wfdb(real_copy)
     hea = real_copy.with_suffix(".hea")
