@@ -82,8 +82,12 @@ class Digitized:
     @property
     def upside_down(self) -> bool:
         """Most rows end in a calibration pulse hanging down and none starts with one standing up."""
-        up, down = self.pulses
-        return up == 0 and down >= max(2, (len(self.rows) + 1) // 2)
+        return _most_rows(self.pulses[1], self.pulses[0], len(self.rows))
+
+    @property
+    def pulses_stand_up(self) -> bool:
+        """Most rows start with a calibration pulse standing up and none ends in one hanging down."""
+        return _most_rows(self.pulses[0], self.pulses[1], len(self.rows))
 
     def picture_points(self, xy: np.ndarray) -> np.ndarray:
         """(n, 2) working-frame (deskewed, turned, resized) x, y -> the same points on the picture as given."""
@@ -149,8 +153,12 @@ def _turned_over(page: np.ndarray, read: Digitized, rhythm_lead: str, method: st
         turned = _read_either_contrast(*_resize(_turn(page, 2)), rhythm_lead, 2, method)
     except DigitizeError:
         return read
-    up, down = turned.pulses
-    return turned if down == 0 and up >= max(2, (len(turned.rows) + 1) // 2) else read
+    return turned if turned.pulses_stand_up else read
+
+
+def _most_rows(count: int, against: int, rows: int) -> bool:
+    """`count` rows show the cue (at least two, at least half the rows) and none shows the opposite one."""
+    return against == 0 and count >= max(2, (rows + 1) // 2)
 
 
 def _turn(page: np.ndarray, turns: int) -> np.ndarray:
@@ -200,9 +208,9 @@ def _read(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int, met
     followed = [follow_trace(ink, y, pitch, a, b) for y, (a, b) in zip(rows, extents)]
     up, down = pulse_sides(ink, rows, pitch, extents)
     followed, extents = _trim_pulses(followed, extents, pitch)
-    n_cols = [len(leads) for leads in _row_leads(LAYOUT_BY_ROWS[len(rows)], rhythm_lead)]
-    for r, (y, (a, b), n) in enumerate(zip(rows, extents, n_cols)):
-        seps = separator_columns(ink, y, pitch, a, b, n)
+    row_leads = _row_leads(layout, rhythm_lead)
+    for r, (y, (a, b), leads) in enumerate(zip(rows, extents, row_leads)):
+        seps = separator_columns(ink, y, pitch, a, b, len(leads))
         if seps:  # blank the ticks and follow again: the pen is carried across, not led down a tick onto a label
             band = ink[max(0, int(y - pitch)):int(y + pitch) + 1].copy()
             for s, e in seps:
@@ -217,17 +225,14 @@ def _read(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int, met
                             "the line; pen traces are continuous)")
     rows_10s = [_resample(t, N_SAMPLES, peaks) for t, _, peaks in followed]
     signal, mask, scale = _lay_out(layout, rhythm_lead, lambda row, lead: rows_10s[row])
+    skew = row_skew(signal, [[_LEAD_INDEX[ld] for ld in leads] for leads in row_leads])
     raw = np.full(signal.shape, np.nan, np.float32)
-    for row, leads in enumerate(_row_leads(layout, rhythm_lead)):
-        for c, lead in enumerate(leads):
-            a, b = c * N_SAMPLES // len(leads), (c + 1) * N_SAMPLES // len(leads)
-            raw[_LEAD_INDEX[lead], a:b] = rows_10s[row][a:b]
-    skew = row_skew(signal, [[_LEAD_INDEX[ld] for ld in leads] for leads in _row_leads(layout, rhythm_lead)])
     boxes = []
-    for row, leads in enumerate(_row_leads(layout, rhythm_lead)):
-        a, b = extents[row]
+    for row, leads in enumerate(row_leads):  # each printed column: its raw heights and where it sits
+        (a, b), n = extents[row], len(leads)
         for c, lead in enumerate(leads):
-            n = len(leads)
+            s, e = c * N_SAMPLES // n, (c + 1) * N_SAMPLES // n
+            raw[_LEAD_INDEX[lead], s:e] = rows_10s[row][s:e]
             boxes.append((lead, (a + (b - a) * c / n, rows[row] - 0.5 * pitch, a + (b - a) * (c + 1) / n,
                                  rows[row] + 0.5 * pitch), T_SECONDS * c / n, T_SECONDS * (c + 1) / n))
     return Digitized(signal, mask, layout, float(angle), [float(y) for y in rows], (int(x0), int(x1)),
