@@ -7,7 +7,7 @@ pulse stands up at a row's left end (`row_skew`). On rendered PTB-XL pages this 
 -1.9), so skew is not used to turn an upright page over. Upside down is told by the pulses instead
 (`rows.pulse_sides`): most rows end in a pulse hanging down and none starts with one standing up, and the page
 turned 180° shows them standing up at the rows' starts. Measured: 52/52 real and ECG-Image-Kit pictures kept
-upright, 40/52 of them turned 180° read the right way up (the rest: no pulse printed, read as they lie); own
+upright, 45/52 of them turned 180° read the right way up (the rest: no pulse printed, read as they lie); own
 fold-9 pages 40/40 upright, 34/40 at 180°, 79/80 sideways.
 """
 from __future__ import annotations
