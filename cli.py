@@ -143,7 +143,7 @@ def render(inputs: list[Path] = typer.Argument(..., help="WFDB records (.hea) or
 
 
 @app.command()
-def digitize(images: list[Path] = typer.Argument(..., help="pictures (PNG/JPEG/BMP/TIFF/PDF page 1) or folders of them"),
+def digitize(images: list[Path] = typer.Argument(..., help="pictures (PNG/JPEG/BMP/TIFF/HEIC, every PDF page) or folders of them"),
              out: Path = typer.Option(..., "--out", help="output folder"),
              speed: float = typer.Option(25.0, help="paper speed, mm/s"),
              gain: Optional[float] = typer.Option(None, help="gain, mm/mV (default: 10, or 5/20 where the "
@@ -386,12 +386,13 @@ def finetune(config: Path = typer.Option(..., help="e.g. training/configs/lora_t
     console.print(f"run: {main(config, list(set_) + ([f'model_path={model_path}'] if model_path else []))}")
 
 
-@app.command("convert-pulse", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("convert-pulse", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             add_help_option=False)  # --help goes to the converter's own parser, which knows the arguments
 def convert_pulse(ctx: typer.Context) -> None:
     """Convert PULSE-7B (LLaVA repo layout) to the Hugging Face LLaVA-NeXT layout vLLM loads (see --help)."""
     from training.convert_pulse import main
 
-    console.print(f"converted: {main(list(ctx.args))}")
+    console.print(f"converted: {main(list(ctx.args), prog='cli.py convert-pulse')}")
 
 
 

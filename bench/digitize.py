@@ -32,7 +32,7 @@ from rag_ecg import paths  # noqa: E402
 from rag_ecg.data.ecg_image_kit import read_kit_pages  # noqa: E402
 from rag_ecg.data.images import load_image, to_rgb  # noqa: E402
 from rag_ecg.data.records import STANDARD_LEADS, ptbxl_record, read_ptbxl_index  # noqa: E402
-from rag_ecg.paper.calibration import calibrate  # noqa: E402
+from rag_ecg.paper.calibration import calibrate, to_millivolts  # noqa: E402
 from rag_ecg.paper.digitize import FS, DigitizeError, digitize, working_page  # noqa: E402
 from rag_ecg.paper.read_quality import snr_db  # noqa: E402
 from rag_ecg.paper.render import render_page_and_layout  # noqa: E402
@@ -115,8 +115,9 @@ def _score_set(out: dict, name: str, pages: list, methods: list[str]) -> None:
                 continue
             layout_ok += read.layout == layout
             if truth is not None:
-                snr.append(snr_db(read.raw_px / cal.px_per_mv, truth, FS)[0])
-                snr_fit.append(snr_db(read.raw_px, truth, FS, fit_gain=True)[0])
+                mv = to_millivolts(read, cal, FS).T  # what `digitize` exports, at the read's 100 Hz
+                snr.append(snr_db(mv, truth, FS)[0])
+                snr_fit.append(snr_db(mv, truth, FS, fit_gain=True)[0])
         n = len(pages)
         render = [p[3] for p in pages if p[3] is not None]
         r = {"pages": n, "read": (n - refused) / n, "layout_correct": layout_ok / n,

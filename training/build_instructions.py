@@ -44,6 +44,7 @@ from rag_ecg.errors import ConfigError
 from rag_ecg.io import atomic_write, versions
 from rag_ecg.reader.prompts import format_evidence
 from rag_ecg.redact import redact
+from training.common import real_url
 from training.instruction_cases import load_cases, render_pages
 from training.instruction_config import FAMILIES, InstructionConfig
 from training.instruction_evidence import (Retrieve, check_evidence, citation_sentence, encoder_retriever,
@@ -57,7 +58,7 @@ def build(cfg: InstructionConfig, retrieve: Retrieve | None = None) -> Path:
     """Write the instruction set described by `cfg`; returns the manifest path."""
     out = Path(cfg.out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    store = open_store(cfg.db_url)
+    store = open_store(real_url(cfg.db_url, "db_url", "--db-url (cli.py build-instructions: --db)"))
     try:
         cases, vocab = load_cases(store, cfg)
         with store.session() as s:

@@ -2,8 +2,10 @@
 and the saved config, so the encoder and the LLM recipes resume, log and scale the same way."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,8 +17,9 @@ import numpy as np
 import torch
 
 from rag_ecg.config import to_yaml
-from rag_ecg.errors import BackendError
+from rag_ecg.errors import BackendError, ConfigError
 from rag_ecg.io import append_jsonl, atomic_write
+from rag_ecg.redact import is_masked, mask_url, redact
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -147,6 +150,14 @@ def thread_guard(threads: int = 0) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+# ---------------------------------------------------------------------------------------------- crash tests
+def kill_point(name: str) -> None:
+    """SIGKILL this process here when `RAG_ECG_KILL_AT` names this point: the crash tests kill a run at a
+    known place (a kill at a random moment would test nothing reproducibly); unset, it does nothing."""
+    if os.environ.get("RAG_ECG_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # ---------------------------------------------------------------------------------------------- outputs
 def plain(obj: Any) -> Any:
     """NumPy scalars and arrays inside `obj` as Python numbers and lists (what JSON can hold)."""
@@ -175,5 +186,23 @@ class MetricsLog:
 
 
 def save_config(cfg: Any, path: Path) -> None:
-    """The resolved dataclass config as YAML beside the run's outputs (what `load_config` reads back)."""
-    atomic_write(path, to_yaml(cfg))
+    """The resolved dataclass config as YAML beside the run's outputs (what `load_config` reads back), its
+    secrets masked (`rag_ecg.redact`): a run folder is shared and copied, a store's password must not go
+    with it. A resume from this file gets the real URL back from the command line or env (`real_url`)."""
+    values = dataclasses.asdict(cfg)
+    masked = redact(values)
+    hidden = {k: v for k, v in masked.items() if v != values[k]}
+    atomic_write(path, to_yaml(dataclasses.replace(cfg, **hidden) if hidden else cfg))
+
+
+def real_url(url: str | None, field: str, flag: str, env: str = "RAG_ECG_DB") -> str | None:
+    """`url`, or, when it is one a saved config masked (a resume from the run's own config), the real one:
+    `env` when it names the same store; else a one-line ConfigError saying what to pass."""
+    if not is_masked(url):
+        return url
+    given = os.environ.get(env)
+    if given and mask_url(given) == url:
+        return given
+    other = f" ({env} names another store: {mask_url(given)})" if given else ""
+    raise ConfigError(f"{field}: {url} was saved with its password hidden; pass the real URL with {flag} or "
+                      f"set {env} to it{other}")

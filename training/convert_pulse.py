@@ -370,9 +370,16 @@ def verify_loadable(folder: str | Path) -> None:
     AutoProcessor.from_pretrained(folder)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    ap = argparse.ArgumentParser(description="Convert a LLaVA-v1.6 (PULSE-7B) checkpoint to the Hugging Face "
-                                             "LLaVA-NeXT layout served by vLLM.")
+class _ArgParser(argparse.ArgumentParser):
+    """A bad argument is a ConversionError (one line; exit 2 through `cli.py`), not argparse's usage block."""
+
+    def error(self, message: str):
+        raise ConversionError(f"{message} (see {self.prog} --help)")
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
+    ap = _ArgParser(prog=prog, description="Convert a LLaVA-v1.6 (PULSE-7B) checkpoint to the Hugging Face "
+                                           "LLaVA-NeXT layout served by vLLM.")
     ap.add_argument("src", help="PULSE-7B folder in the LLaVA repo layout")
     ap.add_argument("out", help="output folder (Hugging Face layout)")
     ap.add_argument("--vision-tower", default=None, help="local CLIP folder (config, preprocessor, weights)")
@@ -393,4 +400,5 @@ if __name__ == "__main__":
     try:
         print(main(sys.argv[1:]))
     except ConversionError as exc:
-        sys.exit(f"convert_pulse: {exc}")
+        print(f"convert_pulse: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

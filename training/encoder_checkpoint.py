@@ -7,9 +7,7 @@ inside the save, after the new weights are written and before they are published
 """
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import torch
@@ -18,7 +16,7 @@ from rag_ecg.encoder.checkpoint import EncoderLoadError
 from rag_ecg.encoder.model import ECGEncoder
 from rag_ecg.errors import ArtifactError, ConfigError
 from rag_ecg.io import atomic_dir, atomic_write_with, recover_dir
-from training.common import rng_state, set_rng_state
+from training.common import kill_point, rng_state, set_rng_state
 from training.encoder_config import EncoderTrainConfig
 
 STATE_FILE = "train_state.pt"
@@ -41,12 +39,6 @@ def save_last(d: Path, encoder, opt, sched, epoch: int, step: int, cfg: EncoderT
         atomic_write_with(tmp / STATE_FILE, lambda t: torch.save(state, t))
     for stale in d.parent.glob(f".{d.name}.*"):  # temp folders of saves killed before they were published
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def kill_point(name: str) -> None:
-    """SIGKILL this process here when `RAG_ECG_KILL_AT` names this point (crash tests only)."""
-    if os.environ.get("RAG_ECG_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def resume_state(d: Path, cfg: EncoderTrainConfig) -> dict | None:

@@ -42,6 +42,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from rag_ecg.io import atomic_dir, versions, write_json
+from rag_ecg.redact import redact
 from training.common import (Dist, MetricsLog, all_reduce_sum, barrier, save_config, setup_distributed,
                              thread_guard)
 from training.finetune_config import FinetuneConfig, load_config, torch_dtype
@@ -231,7 +232,7 @@ def finalize(r: FinetuneRun) -> Path:
                           processor_path=cfg.processor_path, image_grid_pinpoints=cfg.image_grid_pinpoints)
             log.info(f"merged checkpoint -> {run / 'merged'}")
         write_json(run / "manifest.json", {
-            "config": dataclasses.asdict(cfg), "steps": r.step, "total_steps": r.total,
+            "config": redact(dataclasses.asdict(cfg)), "steps": r.step, "total_steps": r.total,
             "train_samples": len(r.train_ds), "val_samples": len(r.val_ds) if r.val_ds is not None else 0,
             "trainable_params": r.n_trainable, "skipped_samples": r.skipped, "versions": versions()})
     barrier(dist)

@@ -1,5 +1,6 @@
 """Resumable fine-tune checkpoints (out_dir/checkpoints/step-N): adapter, optimizer, scheduler and every
 rank's RNG, so a killed run continues bit-for-bit; refused when made with another model, data or LoRA.
+`RAG_ECG_KILL_AT=llm-checkpoint` SIGKILLs the run once its first checkpoint is published (the resume test).
 
 Every file loads as plain data (`weights_only=True`: a crafted pickle is refused in one line, never run), and
 older checkpoints are deleted only after the new one is published and every file of it loads back."""
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 from rag_ecg.errors import ArtifactError, ConfigError
 from rag_ecg.io import atomic_dir, read_json, write_json
-from training.common import Dist, gather_objects, rng_state, set_rng_state
+from training.common import Dist, gather_objects, kill_point, rng_state, set_rng_state
 from training.finetune_config import FinetuneConfig
 from training.llm_model import unwrap
 
@@ -43,6 +44,7 @@ def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, cfg: Fine
     older = [p for p in kept if p.name < ck.name]
     for old in older[: max(0, len(older) + 1 - max(1, cfg.save_total_limit))]:
         shutil.rmtree(old, ignore_errors=True)
+    kill_point("llm-checkpoint")
     return ck
 
 

@@ -30,11 +30,12 @@ def load_processor(cfg: FinetuneConfig):
     return proc
 
 
-def _quantization_config(cfg: FinetuneConfig):
-    """bitsandbytes config for QLoRA; a clear error when the GPU or the package is missing."""
-    if not torch.cuda.is_available():
-        raise BackendError(f"quantization={cfg.quantization}: needs a CUDA GPU (bitsandbytes); "
-                           "use quantization: none on CPU")
+def _quantization_config(cfg: FinetuneConfig, device: torch.device):
+    """bitsandbytes config for QLoRA; a clear error when the run's device is no GPU or the package is missing
+    (the run's device, not the host: `device: cpu` on a GPU host would quantize for a GPU it never uses)."""
+    if device.type != "cuda":
+        raise BackendError(f"quantization={cfg.quantization}: needs a CUDA GPU (bitsandbytes), the run's device "
+                           f"is {device}; use quantization: none on CPU")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise BackendError(f"quantization={cfg.quantization}: bitsandbytes is not installed "
                            "(pip install bitsandbytes)")
@@ -53,7 +54,7 @@ def load_base_model(cfg: FinetuneConfig, dist: Dist):
 
     kwargs: dict = {"dtype": torch_dtype(cfg.dtype), "attn_implementation": cfg.attn_implementation}
     if cfg.quantization != "none":
-        kwargs["quantization_config"] = _quantization_config(cfg)
+        kwargs["quantization_config"] = _quantization_config(cfg, dist.device)
     if dist.device.type == "cuda":  # straight onto this rank's GPU: N ranks never hold N CPU copies
         kwargs["device_map"] = {"": dist.device.index or 0}
     model = LlavaNextForConditionalGeneration.from_pretrained(cfg.model_path, **kwargs)

@@ -53,7 +53,7 @@ from rag_ecg.errors import ConfigError
 from rag_ecg.redact import redact
 from rag_ecg.eval.encoder_eval import evaluate_encoder, flat_metrics
 from rag_ecg.eval.metrics import knn_scores, macro_auc, recall_at_k
-from training.common import (Dist, MetricsLog, barrier, broadcast_int, save_config, setup_distributed,
+from training.common import (Dist, MetricsLog, barrier, broadcast_int, real_url, save_config, setup_distributed,
                              shutdown_distributed, thread_guard)
 from training.encoder_checkpoint import restore, resume_state, save_last
 from training.encoder_config import EncoderTrainConfig, load_config
@@ -144,6 +144,8 @@ class EncoderRun:
 # ---------------------------------------------------------------------------------------------- recipe
 def train(cfg: EncoderTrainConfig, store=None) -> Path:
     """Train (or resume) and evaluate; returns the final encoder checkpoint folder."""
+    if store is None:  # a resume from the run's own config.yaml holds the store URL with its password masked
+        cfg = dataclasses.replace(cfg, db=real_url(cfg.db, "db", "--db (cli.py train-encoder) or --set db=URL"))
     # Oversubscribed OpenMP threads spin at barriers: on 2 cores, 2 torch threads beside a render worker
     # ran the tiny model 5-10x slower than 1 thread. Default: one thread per core left to the trainer.
     with thread_guard(cfg.threads or max(1, (os.cpu_count() or 1) - cfg.workers)):

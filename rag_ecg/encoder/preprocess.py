@@ -49,8 +49,15 @@ class Preprocess:
 
     def pixels(self, image: Image.Image, strict: bool = True) -> np.ndarray:
         """PIL image -> (height, width, 3) uint8 letterboxed page (cheap to pass between processes).
-        (`strict` is for the trace tower's unreadable pages; any picture letterboxes.)"""
-        return np.array(self.letterbox(image), dtype=np.uint8)  # a writable copy
+
+        `strict` (a user's picture): the page must hold trace rows the digitiser can find, or `DigitizeError`
+        says why — the same not-an-ECG check the trace tower makes. An image tower embeds anything, and its
+        similarity floor alone let a noisy photo through once the encoder was trained. `strict=False`: library
+        renders and training pages, ECGs by construction."""
+        img = image.convert("RGB") if image.mode != "RGB" else image
+        if strict:
+            digitize(np.asarray(img))
+        return np.array(self.letterbox(img), dtype=np.uint8)  # a writable copy
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """(n, H, W, 3) uint8 -> (n, 3, H, W) float32 normalised model input (on the tensor's device)."""

@@ -34,6 +34,8 @@ MIN_SHARPNESS = 0.15  # `_sharpness` of grid lines: >= 0.9 on scans, 0.2-0.8 on 
 AGREE = 0.1  # a tile's px/mm within 10 % of the tiles' median agrees with it
 PULSE_AGREES = 0.08  # pulse and grid px/mm within 8 %: the pulse confirms the grid
 AUTO_GAINS = (5.0, 10.0, 20.0)  # mm/mV a calibration pulse may switch to when no gain was given
+FLAT_GRID = 0.02  # grid spread at or below this: a flat page, whose px/mm holds across it (time_scale)
+TIME_FIT = 0.02  # rows within 2 % of 10 s on such a grid: a 10-s page whose time axis the grid corrects
 
 
 @dataclass
@@ -90,6 +92,19 @@ class Calibration:
     @property
     def px_per_s(self) -> float:
         return self.px_per_mm * self.speed_mm_s
+
+    @property
+    def time_scale(self) -> float:
+        """Paper seconds per second of the read's 10-s axis: the rows' length measured on a flat grid over 10 s.
+
+        The read stretches each row's traced extent to 10 s, but a pen's line ends a few px inside its time window
+        (our pages: 9.95 s; ECG-Image-Kit: 9.96 s); over a 10-s rhythm strip that drift costs its QRS complexes
+        their alignment (own clean pages 9.3 -> 10.6 dB, ECG-Image-Kit clean 9.8 -> 10.3). Only a flat grid
+        (spread <= FLAT_GRID, not a photo's perspective, which measured 9.6-10.2 s) and a row within
+        TIME_FIT of 10 s (a 10-s page) are trusted; otherwise 1."""
+        ok = (self.source == "grid" and self.row_seconds is not None and self.grid.spread <= FLAT_GRID
+              and abs(self.row_seconds / T_SECONDS - 1.0) <= TIME_FIT)
+        return float(self.row_seconds / T_SECONDS) if ok else 1.0
 
     def to_json(self) -> dict:
         d = {"px_per_mm": round(self.px_per_mm, 4), "source": self.source, "speed_mm_s": self.speed_mm_s,
@@ -435,15 +450,18 @@ def to_millivolts(read: Digitized, cal: Calibration, fs: float = 500.0) -> np.nd
     else:
         px = np.where(read.mask, read.signal.astype(np.float64) * read.scale_px, np.nan)
     mv = px / cal.px_per_mv
+    scale = cal.time_scale
     n_out = int(round(T_SECONDS * fs))
-    t_in = np.arange(N_SAMPLES) / FS
+    t_in = np.arange(N_SAMPLES) / FS * scale  # where each read sample lies on the paper's time axis
     t_out = np.arange(n_out) / fs
-    nearest = np.clip(np.rint(t_out * FS).astype(int), 0, N_SAMPLES - 1)
+    nearest = np.rint(t_out / scale * FS).astype(int)
+    inside = nearest < N_SAMPLES  # a row shorter than 10 s leaves the last samples unread
+    nearest = np.clip(nearest, 0, N_SAMPLES - 1)
     out = np.full((n_out, 12), np.nan, np.float32)
     for lead in range(12):
         valid = np.isfinite(mv[lead])
         if valid.sum() < 2:
             continue
         vals = np.interp(t_out, t_in[valid], mv[lead][valid])
-        out[:, lead] = np.where(valid[nearest], vals, np.nan)
+        out[:, lead] = np.where(valid[nearest] & inside, vals, np.nan)
     return out

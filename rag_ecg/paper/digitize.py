@@ -30,7 +30,7 @@ from rag_ecg.data.records import STANDARD_LEADS
 from rag_ecg.errors import InputError
 from rag_ecg.paper.ink import deskew_angle, ink_map, remove_grid_lines, rotate
 from rag_ecg.paper.layout import LEAD_ROWS
-from rag_ecg.paper.orientation import row_skew
+from rag_ecg.paper.orientation import lines_across, row_skew
 from rag_ecg.paper.rows import (
     DigitizeError,
     check_line_drawing,
@@ -110,28 +110,40 @@ class Digitized:
 def digitize(page: np.ndarray, rhythm_lead: str = "II", method: str = "auto") -> Digitized:
     """(H, W, 3) uint8 RGB page -> Digitized. Raises DigitizeError if no trace rows are found.
 
-    A page scanned sideways is refused upright, then read both quarter turns (90°, 270°), keeping the read whose
-    traces skew upward (`orientation.row_skew`). Upright pages are read exactly as before (one read), so a
-    sideways page costs only pages that would have been refused. A page whose rows end in calibration pulses
-    hanging down lies upside down (`rows.pulse_sides`): it is read again turned 180°."""
+    Which way round (`orientation`): a page whose ink runs in columns rather than rows (`lines_across` < 0) lies
+    on its side and is read both quarter turns first; so is a page refused as given. Of the quarter-turn reads,
+    the one whose calibration pulses stand up at the rows' starts wins, then the one whose traces skew upward.
+    A page whose rows end in pulses hanging down lies upside down (`rows.pulse_sides`): read again turned 180°.
+    An upright page costs one read."""
     if method not in METHODS:
         raise InputError(f"digitize method {method!r} is not one of {', '.join(METHODS)}")
     if page.ndim != 3 or page.shape[2] != 3 or page.dtype != np.uint8:
         raise InputError(f"digitize expects an (H, W, 3) uint8 RGB page, got {page.dtype} {page.shape}")
+    work, work_scale = _resize(page)
+    sideways_first = lines_across(ink_map(work)) < 0
+    if sideways_first and (read := _on_its_side(page, rhythm_lead, method)) is not None:
+        return read
     try:
-        read = _read_either_contrast(*_resize(page), rhythm_lead, 0, method)
+        read = _read_either_contrast(work, work_scale, rhythm_lead, 0, method)
         return _turned_over(page, read, rhythm_lead, method) if read.upside_down else read
     except DigitizeError as exc:
         upright_error = exc  # its reason names what was wrong with the page as given
+    read = None if sideways_first else _on_its_side(page, rhythm_lead, method)
+    if read is None:
+        raise upright_error
+    return read
+
+
+def _on_its_side(page: np.ndarray, rhythm_lead: str, method: str) -> Digitized | None:
+    """The better of the page's reads turned 90° and 270°, or None: the one with more rows starting in a pulse
+    standing up than ending in one hanging down (the two reads are the same page 180° apart), then upward skew."""
     reads = []
     for turns in (1, 3):
         try:
             reads.append(_read_either_contrast(*_resize(_turn(page, turns)), rhythm_lead, turns, method))
         except DigitizeError:
             continue
-    if not reads:
-        raise upright_error
-    return max(reads, key=lambda r: r.skew)
+    return max(reads, key=lambda r: (r.pulses[0] - r.pulses[1], r.skew), default=None)
 
 
 def working_page(page: np.ndarray, read: Digitized) -> np.ndarray:

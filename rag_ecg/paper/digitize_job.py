@@ -3,7 +3,9 @@
 Why a job module: a batch of pictures is where unreadable files turn up. Each picture is read on its own; one
 that cannot be read (not a picture, no ECG traces on it, a bug) costs one line naming the file and why, and the
 batch goes on. A picture whose outputs are all there is skipped (its JSON is written last, so a killed run redoes
-only the picture it was on): rerunning a batch resumes it; `force` reads everything again.
+only the picture it was on): rerunning a batch resumes it; `force` reads everything again. Each page of a
+multi-page PDF (a cart's export: often one ECG a page) is a picture of its own, written as `<stem>-p<N>.*`; a
+1-page PDF keeps `<stem>.*`, and pages past MAX_PDF_PAGES cost one failure line instead of an endless batch.
 """
 from __future__ import annotations
 
@@ -17,13 +19,28 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from rag_ecg.data.images import IMAGE_SUFFIXES, load_image
+from rag_ecg.data.images import (IMAGE_SUFFIXES, MAX_PDF_PAGES, ImageLoadError, load_image, page_name,
+                                  pdf_page_count)
 from rag_ecg.errors import InputError, RagEcgError
 from rag_ecg.paper.calibration import calibrate, trace_ink
 from rag_ecg.paper.digitize import METHODS, digitize, working_page
 from rag_ecg.paper.export import outputs_exist, read_quality, safe_stem, write_outputs
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Picture:
+    """One picture of a batch: a file, or page `page` (0-based) of a multi-page PDF."""
+
+    path: Path
+    page: int | None = None  # None: the file's only picture
+    error: str | None = None  # set: not read, this line says why (the pages of a PDF past MAX_PDF_PAGES)
+
+    @property
+    def name(self) -> str:
+        """What lines call it: the path, `x.pdf#page=N` for a page."""
+        return str(self.path) if self.page is None else page_name(str(self.path), self.page)
 
 
 @dataclass
@@ -35,6 +52,7 @@ class PictureResult:
     status: str
     detail: str = ""
     seconds: float = 0.0
+    page: int | None = None  # 0-based page of a multi-page PDF
 
 
 @dataclass
@@ -56,8 +74,8 @@ class DigitizeSummary:
 
 def list_pictures(inputs: Sequence[str | Path]) -> list[Path]:
     """Files as given (whatever their suffix: the loader says what is wrong with one), folders walked recursively
-    for picture files (PNG, JPEG, BMP, TIFF, WebP, GIF, PDF), in name order. A path that does not exist stays in
-    the list: its failure line says so."""
+    for picture files (IMAGE_SUFFIXES: PNG, JPEG, BMP, TIFF, WebP, GIF, HEIC/HEIF, PDF), in name order. A path
+    that does not exist stays in the list: its failure line says so."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
@@ -76,14 +94,36 @@ def list_pictures(inputs: Sequence[str | Path]) -> list[Path]:
     return unique
 
 
-def stems_for(paths: Sequence[Path]) -> list[str]:
-    """One output name per picture: its stem made WFDB-safe; pictures sharing a stem (a.png, a.jpg) get their
-    suffix added, then a number, so no two pictures of a batch write the same files."""
+def pictures_of(paths: Sequence[Path]) -> list[Picture]:
+    """Each file as one picture, a `.pdf` of N > 1 pages as N (at most MAX_PDF_PAGES, then one failing picture
+    naming the rest). A PDF that cannot be counted stays one picture: reading it says what is wrong."""
+    out: list[Picture] = []
+    for p in paths:
+        try:
+            n = pdf_page_count(p) if p.suffix.lower() == ".pdf" else 1
+        except ImageLoadError:
+            n = 1
+        if n <= 1:
+            out.append(Picture(p))
+            continue
+        out.extend(Picture(p, k) for k in range(min(n, MAX_PDF_PAGES)))
+        if n > MAX_PDF_PAGES:
+            out.append(Picture(p, MAX_PDF_PAGES, f"{p}: pages {MAX_PDF_PAGES + 1}-{n} not read (a PDF is read up "
+                                                 f"to {MAX_PDF_PAGES} pages; this one has {n}: split it)"))
+    return out
+
+
+def stems_for(pictures: Sequence[Path | Picture]) -> list[str]:
+    """One output name per picture: its stem made WFDB-safe (`-p<N>` added for page N of a PDF); pictures
+    sharing a stem (a.png, a.jpg) get their suffix added, then a number, so no two pictures of a batch write
+    the same files."""
+    pics = [q if isinstance(q, Picture) else Picture(q) for q in pictures]
     stems, taken = [], set()
-    base = [safe_stem(p.stem) for p in paths]
-    counts = {b: base.count(b) for b in base}
-    for p, b in zip(paths, base):
-        stem = b if counts[b] == 1 else safe_stem(f"{b}_{p.suffix.lstrip('.')}")
+    base = [safe_stem(q.path.stem) for q in pics]
+    counts = {b: len({q.path for q, c in zip(pics, base) if c == b}) for b in base}
+    for q, b in zip(pics, base):
+        stem = b if counts[b] == 1 else safe_stem(f"{b}_{q.path.suffix.lstrip('.')}")
+        stem = stem if q.page is None else f"{stem}-p{q.page + 1}"
         k, cand = 2, stem
         while cand in taken:
             cand, k = f"{stem}_{k}", k + 1
@@ -93,39 +133,48 @@ def stems_for(paths: Sequence[Path]) -> list[str]:
 
 
 def digitize_picture(path: Path, out_dir: Path, stem: str, speed_mm_s: float = 25.0,
-                     gain_mm_mv: float | None = None, method: str = "auto") -> dict:
-    """Read one picture and write its outputs; returns its JSON. Raises RagEcgError when it cannot be read."""
+                     gain_mm_mv: float | None = None, method: str = "auto", page: int | None = None) -> dict:
+    """Read one picture (page `page` of a PDF) and write its outputs; returns its JSON. Raises RagEcgError when
+    it cannot be read."""
     start = time.perf_counter()
-    picture = np.asarray(load_image(path))
+    picture = np.asarray(load_image(path, page=page or 0))
     read = digitize(picture, method=method)
     work = working_page(picture, read)
     ink = trace_ink(work)
     cal = calibrate(work, read, speed_mm_s=speed_mm_s, gain_mm_mv=gain_mm_mv, ink=ink)
     quality = read_quality(read, ink)
-    return write_outputs(out_dir, stem, picture, read, cal, quality, source=str(path),
+    source = str(path) if page is None else page_name(str(path), page)
+    return write_outputs(out_dir, stem, picture, read, cal, quality, source=source,
                          extra={"method": read.method, "seconds": round(time.perf_counter() - start, 3)})
 
 
-def iter_digitize(paths: Sequence[Path], out_dir: str | Path, speed_mm_s: float = 25.0,
+def iter_digitize(paths: Sequence[Path | Picture], out_dir: str | Path, speed_mm_s: float = 25.0,
                   gain_mm_mv: float | None = None, force: bool = False,
                   method: str = "auto") -> Iterator[PictureResult]:
-    """Each picture's result as it is done (see `digitize_picture`); failures are results, not exceptions."""
+    """Each picture's result as it is done (see `digitize_picture`); failures are results, not exceptions.
+    Paths are taken as `pictures_of` them (a multi-page PDF: its pages)."""
     out_dir = Path(out_dir)
-    for path, stem in zip(paths, stems_for(paths)):
+    pics = [x for q in paths for x in ([q] if isinstance(q, Picture) else pictures_of([q]))]
+    for pic, stem in zip(pics, stems_for(pics)):
+        path, page = pic.path, pic.page
+        if pic.error:
+            yield PictureResult(path, stem, "failed", pic.error, page=page)
+            continue
         if not force and outputs_exist(out_dir, stem):
-            yield PictureResult(path, stem, "skipped")
+            yield PictureResult(path, stem, "skipped", page=page)
             continue
         start = time.perf_counter()
         try:
-            digitize_picture(path, out_dir, stem, speed_mm_s, gain_mm_mv, method)
+            digitize_picture(path, out_dir, stem, speed_mm_s, gain_mm_mv, method, page)
         except (RagEcgError, OSError) as exc:
-            yield PictureResult(path, stem, "failed", _one_line(path, exc))
+            yield PictureResult(path, stem, "failed", _one_line(pic.name, exc), page=page)
             continue
         except Exception as exc:  # a bug on one picture must not cost the batch; --verbose shows the traceback
-            log.debug("unexpected error on %s", path, exc_info=exc)
-            yield PictureResult(path, stem, "failed", _one_line(path, exc, f"internal error {type(exc).__name__}"))
+            log.debug("unexpected error on %s", pic.name, exc_info=exc)
+            yield PictureResult(path, stem, "failed", _one_line(pic.name, exc, f"internal error {type(exc).__name__}"),
+                                page=page)
             continue
-        yield PictureResult(path, stem, "read", seconds=time.perf_counter() - start)
+        yield PictureResult(path, stem, "read", seconds=time.perf_counter() - start, page=page)
 
 
 def run_batch(inputs: Sequence[str | Path], out_dir: str | Path, speed_mm_s: float = 25.0,
@@ -143,13 +192,14 @@ def run_batch(inputs: Sequence[str | Path], out_dir: str | Path, speed_mm_s: flo
     if not paths:
         raise InputError(f"no pictures found in {', '.join(str(i) for i in inputs)} "
                          f"(looked for {', '.join(IMAGE_SUFFIXES)})")
+    pics = pictures_of(paths)
     summary = DigitizeSummary(Path(out_dir))
     bar = Progress(TextColumn("digitize"), BarColumn(), MofNCompleteColumn(), TextColumn("failed {task.fields[failed]}"),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
                    disable=console is None, transient=False)
     with bar:
-        task = bar.add_task("digitize", total=len(paths), failed=0)
-        for res in iter_digitize(paths, out_dir, speed_mm_s, gain_mm_mv, force, method):
+        task = bar.add_task("digitize", total=len(pics), failed=0)
+        for res in iter_digitize(pics, out_dir, speed_mm_s, gain_mm_mv, force, method):
             if res.status == "read":
                 summary.read += 1
                 summary.seconds += res.seconds
@@ -163,10 +213,10 @@ def run_batch(inputs: Sequence[str | Path], out_dir: str | Path, speed_mm_s: flo
     return summary
 
 
-def _one_line(path: Path, exc: BaseException, prefix: str = "") -> str:
-    """`<file>: why`, on one line."""
+def _one_line(name: str, exc: BaseException, prefix: str = "") -> str:
+    """`<file>: why` (`<file>#page=N: why` for a page of a PDF), on one line."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     text = f"{prefix}: {text}" if prefix else text
-    if path.name not in text:
-        text = f"{path}: {text}"
+    if Path(name).name not in text:
+        text = f"{name}: {text}"
     return text if len(text) <= 300 else text[:299] + "…"

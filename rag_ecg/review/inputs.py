@@ -4,7 +4,9 @@ Each chart gets a key that is stable across runs (its relative path, or `case:<i
 same command finds the same job and the same items, and a fingerprint of its file (size + mtime_ns), so a
 file replaced at the same path is reviewed again. A folder is the untrusted edge: every file in it gets a
 row, and what is not a chart (another file type, a link out of the folder, a pipe, a name that is not UTF-8)
-is a chart with `error` set, recorded as an error row and never opened.
+is a chart with `error` set, recorded as an error row and never opened. A PDF of N > 1 pages is N charts, keyed
+and pathed `scan.pdf#page=1` ... `#page=N` (each its own row and result; a 1-page PDF keeps its plain name), up to
+MAX_PDF_PAGES; the pages past that are one error row.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from rag_ecg.data.images import IMAGE_SUFFIXES
+from rag_ecg.data.images import (FORMATS, IMAGE_SUFFIXES, MAX_PDF_PAGES, ImageLoadError, page_name, pdf_page_count,
+                                  split_page)
 from rag_ecg.data.store import Case, Store
 from rag_ecg.review.config import ReviewError
 
@@ -29,7 +32,7 @@ class Chart:
     """One chart of the input: `key` is stable across runs (relative path, or `case:<id>`)."""
 
     key: str
-    path: str  # image/PDF file, WFDB record path without extension, or a store case's signal path
+    path: str  # image/PDF file (`x.pdf#page=N`: one page), WFDB record path without extension, or a case's signal path
     kind: str  # image | wfdb | case
     error: str | None = None  # set: not a chart (one line naming it); recorded as an error, never read
     fingerprint: str | None = None  # the file's content identity (`fingerprint`): a replaced file is redone
@@ -42,7 +45,7 @@ def fingerprint(kind: str, path: str) -> str | None:
     to find nothing to do, while any write, copy or replace of a file sets a new mtime_ns (nanoseconds) and
     usually a new size; only a same-size replacement that also copies the old file's exact mtime_ns would be
     missed. A file merely touched is reviewed again, which costs one chart and changes nothing."""
-    p = Path(path)
+    p = Path(split_page(path)[0] if kind == "image" else path)  # every page of a PDF: the file's identity
     parts = sorted(p.parent.glob(f"{glob.escape(p.name)}.*")) if kind == "wfdb" else [p]
     try:
         stats = [(q.name, os.stat(q)) for q in parts]
@@ -90,14 +93,14 @@ def discover(input: str | Path, store: Store | None = None, out_dir: Path | None
         desc = f"csv:{path}"
     elif path.suffix.lower() in IMAGE_SUFFIXES or path.suffix.lower() == ".hea":
         kind = "wfdb" if path.suffix.lower() == ".hea" else "image"
-        charts = [Chart(path.name, str(path.with_suffix("") if kind == "wfdb" else path), kind)]
+        charts = _pages(Chart(path.name, str(path.with_suffix("") if kind == "wfdb" else path), kind))
         desc = f"file:{path}"
     else:
         raise ReviewError(f"{text}: not a folder, a .csv list or a chart file "
                           f"({', '.join(IMAGE_SUFFIXES)}, .hea)")
     if not any(c.error is None for c in charts):
         other = next((f"; {len(charts)} other file(s), e.g. {c.error}" for c in charts), "")
-        raise ReviewError(f"{text}: no charts found (PNG/JPEG/BMP/TIFF/WebP/GIF/PDF files or WFDB .hea records)"
+        raise ReviewError(f"{text}: no charts found ({FORMATS} files or WFDB .hea records)"
                           f"{other}")
     return desc, charts[:limit] if limit else charts
 
@@ -133,8 +136,34 @@ def _discover_folder(root: Path, out_dir: Path | None) -> list[Chart]:
             suffix = Path(name).suffix.lower()
             if suffix not in IMAGE_SUFFIXES and suffix != ".hea" and Path(name).stem in records:
                 continue  # a WFDB record's signal/annotation file (X.dat, X.atr, ... next to X.hea)
-            charts.append(_folder_chart(root, here / name, suffix))
-    return sorted(charts, key=lambda c: c.key)
+            charts.extend(_pages(_folder_chart(root, here / name, suffix)))
+    return sorted(charts, key=_order)
+
+
+def _order(c: Chart) -> tuple[str, int]:
+    """Charts by key, a PDF's pages in page order (`#page=10` after `#page=9`)."""
+    name, page = split_page(c.key)
+    return name, page + (name != c.key)
+
+
+def _pages(c: Chart) -> list[Chart]:
+    """A chart, or each page of a multi-page PDF as its own (`key#page=N`; beyond MAX_PDF_PAGES one error row).
+    A PDF that cannot be counted stays one chart: loading it says what is wrong."""
+    if c.error or c.kind != "image" or not c.path.lower().endswith(".pdf"):
+        return [c]
+    try:
+        n = pdf_page_count(c.path)
+    except ImageLoadError:
+        return [c]
+    if n <= 1:
+        return [c]
+    out = [Chart(page_name(c.key, k), page_name(c.path, k), "image", fingerprint=c.fingerprint)
+           for k in range(min(n, MAX_PDF_PAGES))]
+    if n > MAX_PDF_PAGES:
+        rest = f"{c.key}#pages={MAX_PDF_PAGES + 1}-{n}"
+        out.append(Chart(rest, c.path, "image", f"{rest}: not read (a PDF is read up to {MAX_PDF_PAGES} pages; "
+                                                f"this one has {n}: split it)", c.fingerprint))
+    return out
 
 
 def _folder_chart(root: Path, p: Path, suffix: str) -> Chart:
@@ -206,7 +235,7 @@ def _discover_csv(path: Path) -> list[Chart]:
             rec = str(p.with_suffix("") if p.suffix.lower() == ".hea" else p)
             charts.append(Chart(key, rec, "wfdb", fingerprint=fingerprint("wfdb", rec)))
         else:
-            charts.append(Chart(key, str(p), "image", fingerprint=fingerprint("image", str(p))))
+            charts.extend(_pages(Chart(key, str(p), "image", fingerprint=fingerprint("image", str(p)))))
     return charts
 
 

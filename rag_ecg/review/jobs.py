@@ -11,12 +11,14 @@ import logging
 import os
 import socket
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from rag_ecg.data.store import Case, ReviewItem, ReviewJob, Store
 from rag_ecg.io import atomic_write
@@ -130,12 +132,15 @@ def case_meta(store: Store, keys: Sequence[str]) -> dict[str, dict]:
     return {f"case:{cid}": {"source": src, "external_id": ext, "patient_id": pat} for cid, src, ext, pat in rows}
 
 
-def start_attempts(store: Store, batch: Sequence[tuple], max_attempts: int) -> list[ChartResult]:
+def start_attempts(store: Store, batch: Sequence[tuple], max_attempts: int,
+                   lease: Lease | None = None) -> list[ChartResult]:
     """Count an attempt for each chart of the batch (committed first); charts that had already used up
-    `max_attempts` (runs died while on them) come back as error results instead of being tried again."""
+    `max_attempts` (runs died while on them) come back as error results instead of being tried again.
+    With `lease`: only while this run still holds the job (else a ReviewError, nothing counted)."""
     ids = [b[0] for b in batch]
     keys = {b[0]: b[1] for b in batch}
     with store.session() as s:
+        _hold(s, lease)
         s.execute(update(ReviewItem).where(ReviewItem.id.in_(ids)).values(attempts=ReviewItem.attempts + 1))
         rows = s.execute(select(ReviewItem.id, ReviewItem.attempts, ReviewItem.error)
                          .where(ReviewItem.id.in_(ids))).all()
@@ -144,19 +149,35 @@ def start_attempts(store: Store, batch: Sequence[tuple], max_attempts: int) -> l
             for item_id, attempts, error in sorted(rows) if attempts > max_attempts]
 
 
+def claim_pending(store: Store, job_id: int, lease: Lease | None = None) -> list[tuple[int, str, str]]:
+    """Every pending chart of the job as (id, chart_key, path), each counted one attempt, in one transaction
+    (the Ray engine's start: Ray retries tasks itself). With `lease`: only while this run holds the job."""
+    with store.session() as s:
+        _hold(s, lease)
+        rows = s.execute(select(ReviewItem.id, ReviewItem.chart_key, ReviewItem.path)
+                         .where(ReviewItem.job_id == job_id, ReviewItem.status == "pending")
+                         .order_by(ReviewItem.id)).all()
+        s.execute(update(ReviewItem).where(ReviewItem.job_id == job_id, ReviewItem.status == "pending")
+                  .values(attempts=ReviewItem.attempts + 1))
+    return [tuple(r) for r in rows]
+
+
 def write_thumb(out_dir: Path, name: str, data: bytes) -> None:
     atomic_write(out_dir / THUMBS / name, data)
 
 
-def commit_results(store: Store, out_dir: Path, results: Sequence[ChartResult]) -> None:
+def commit_results(store: Store, out_dir: Path, results: Sequence[ChartResult], lease: Lease | None = None) -> None:
     """Thumbnails first, then every result of the batch (status + data) in one transaction. A `pending`
     result (a BackendError: server down, 5xx, timeout) gives back the attempt `start_attempts` counted, so
-    an outage never uses up a chart's attempts; only runs that died on the chart count."""
-    for r in results:
-        if r.thumb:
-            write_thumb(out_dir, f"chart-{r.item_id}.jpg", r.thumb)
-    now = datetime.now(timezone.utc)
+    an outage never uses up a chart's attempts; only runs that died on the chart count. With `lease`: all
+    of it after the lease's renewal in that transaction, so a run that lost the job writes nothing (a
+    ReviewError)."""
     with store.session() as s:
+        _hold(s, lease)
+        for r in results:
+            if r.thumb:
+                write_thumb(out_dir, f"chart-{r.item_id}.jpg", r.thumb)
+        now = datetime.now(timezone.utc)
         for r in results:
             item = s.get(ReviewItem, r.item_id)
             if item is None:
@@ -185,7 +206,18 @@ def mark_done(store: Store, job_id: int) -> None:
 
 
 # -- the job lease: one run at a time per job ------------------------------------------------------------
-LEASE_S = 900  # renewed after every committed batch; a run that stops renewing loses it after this long
+LEASE_S = 900  # renewed with every claimed and committed batch; a run that stops renewing loses it after this
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A run's hold on its job (`take_lease`). Given to `start_attempts` / `commit_results`, it is renewed in
+    the transaction that claims or commits a batch, so a run whose lease ran out and was taken over stops
+    there: it never processes or overwrites a chart the run that took over owns."""
+
+    job_id: int
+    owner: str
+    seconds: float = LEASE_S
 
 
 def lease_owner() -> str:
@@ -194,7 +226,20 @@ def lease_owner() -> str:
 
 
 def _utc(t: datetime | None) -> datetime | None:
-    return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t  # SQLite: naive UTC
+    """`t` in UTC: SQLite gives back naive UTC, PostgreSQL the session's time zone (messages say UTC)."""
+    if t is None:
+        return None
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
+def _db_now(s: Session) -> datetime:
+    """The database's clock: runs on hosts whose clocks disagree still agree on when a lease runs out.
+    (SQLite is a file on this host: this host's clock is the one every run of it reads.)"""
+    dialect = s.get_bind().dialect.name
+    if dialect == "sqlite":
+        return datetime.now(timezone.utc)
+    # PostgreSQL's now() is the transaction's start, which a wait for a row lock leaves behind
+    return _utc(s.scalar(select(func.clock_timestamp() if dialect == "postgresql" else func.now())))
 
 
 def _dead_here(holder: str) -> bool:
@@ -212,36 +257,56 @@ def _dead_here(holder: str) -> bool:
     return False
 
 
-def take_lease(store: Store, job_id: int, owner: str, lease_s: float = LEASE_S) -> None:
+def _busy(job_id: int, holder: str, since: datetime | None, until: datetime | None) -> ReviewError:
+    host, _, rest = holder.partition(":")
+    when = _utc(since).strftime("%Y-%m-%d %H:%M:%S UTC") if since else "an unknown time"
+    ends = f"{_utc(until):%H:%M:%S} UTC" if until else "once it is released"
+    return ReviewError(f"job {job_id} is being processed by another run (pid {rest.partition(':')[0]} on host "
+                       f"{host}) since {when}; wait for it to finish (a dead run's lease runs out at {ends})")
+
+
+def take_lease(store: Store, job_id: int, owner: str, lease_s: float = LEASE_S) -> Lease:
     """Take the job for this run, or a ReviewError naming the run that holds it. Free: nobody holds it, its
-    lease ran out, or its holder's process on this host is gone. Taken with one compare-and-set UPDATE
-    (WHERE locked_by is what was read), so of two runs starting at once exactly one wins (SQLite, PostgreSQL)."""
-    now = datetime.now(timezone.utc)
+    lease ran out (on the database's clock), or its holder's process on this host is gone.
+
+    PostgreSQL: the job row is read FOR UPDATE, so runs starting at once take turns and each later one sees
+    the winner. SQLite (no row locks): the UPDATE is a compare-and-set on the holder that was read, so of two
+    runs that read the same holder exactly one wins; the other reads the winner back and names it."""
     with store.session() as s:
         holder, since, until = s.execute(select(ReviewJob.locked_by, ReviewJob.locked_at, ReviewJob.lease_until)
-                                         .where(ReviewJob.id == job_id)).one()
+                                         .where(ReviewJob.id == job_id).with_for_update()).one()
+        now = _db_now(s)
         if holder and holder != owner and (_utc(until) or now) > now and not _dead_here(holder):
-            host, _, rest = holder.partition(":")
-            when = _utc(since).strftime("%Y-%m-%d %H:%M:%S UTC") if since else "an unknown time"
-            raise ReviewError(f"job {job_id} is being processed by another run (pid {rest.partition(':')[0]} on "
-                              f"host {host}) since {when}; wait for it to finish (a dead run's lease runs out "
-                              f"at {_utc(until):%H:%M:%S} UTC)")
+            raise _busy(job_id, holder, since, until)
         held = ReviewJob.locked_by.is_(None) if holder is None else ReviewJob.locked_by == holder
         taken = s.execute(update(ReviewJob).where(ReviewJob.id == job_id, held)
                           .values(locked_by=owner, locked_at=now,
                                   lease_until=now + timedelta(seconds=lease_s))).rowcount
     if taken != 1:
-        raise ReviewError(f"job {job_id} was taken by another run starting at the same moment; wait for it")
+        with store.session() as s:
+            holder, since, until = s.execute(select(ReviewJob.locked_by, ReviewJob.locked_at,
+                                                    ReviewJob.lease_until).where(ReviewJob.id == job_id)).one()
+        raise _busy(job_id, holder or "unknown:?", since, until)
+    return Lease(job_id, owner, lease_s)
+
+
+def _hold(s: Session, lease: Lease | None) -> None:
+    """Renew `lease` as the first write of session `s`'s transaction, or a ReviewError if another run has
+    taken the job: the UPDATE locks the job row (PostgreSQL) or the database (SQLite) until the transaction
+    commits, so the job cannot change hands between this check and the writes after it."""
+    if lease is None:
+        return
+    n = s.execute(update(ReviewJob).where(ReviewJob.id == lease.job_id, ReviewJob.locked_by == lease.owner)
+                  .values(lease_until=_db_now(s) + timedelta(seconds=lease.seconds))).rowcount
+    if n != 1:
+        raise ReviewError(f"job {lease.job_id}: another run took the job over (this run held its lease past "
+                          f"{lease.seconds:.0f}s without progress); stopping")
 
 
 def renew_lease(store: Store, job_id: int, owner: str, lease_s: float = LEASE_S) -> None:
     """Extend this run's lease (after each batch); a ReviewError if another run has taken the job since."""
     with store.session() as s:
-        n = s.execute(update(ReviewJob).where(ReviewJob.id == job_id, ReviewJob.locked_by == owner)
-                      .values(lease_until=datetime.now(timezone.utc) + timedelta(seconds=lease_s))).rowcount
-    if n != 1:
-        raise ReviewError(f"job {job_id}: another run took the job over (this run held its lease past "
-                          f"{lease_s:.0f}s without progress); stopping")
+        _hold(s, Lease(job_id, owner, lease_s))
 
 
 def release_lease(store: Store, job_id: int, owner: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from rag_ecg.data.images import load_image
+from rag_ecg.data.images import load_image, split_page
 from rag_ecg.data.records import read_wfdb
 from rag_ecg.data.store import Case, load_case_record
 from rag_ecg.paper.render import render_page
@@ -58,6 +58,7 @@ class Loaded:
     patient_id: str | None = None  # query's own patient (store charts): excluded from its neighbours
     error: str | None = None  # one line naming the chart and the problem
     load_s: float = 0.0
+    open_s: float | None = None  # seconds to decode/draw the page; None: it never opened (a bad file)
 
 
 def one_line(key: str, exc: BaseException) -> str:
@@ -71,9 +72,11 @@ def one_line(key: str, exc: BaseException) -> str:
 
 def open_chart(kind: str, path: str, meta: dict, preset: str = "clean", dpi: int = 100,
                key: str | None = None) -> Image.Image:
-    """A chart as a PIL RGB page: image files are read, WFDB records and store cases are drawn."""
+    """A chart as a PIL RGB page: image files are read (`x.pdf#page=N`: that page), WFDB records and store cases
+    are drawn."""
     if kind == "image":
-        return load_image(path)
+        file, page = split_page(path)
+        return load_image(file, page=page)
     if kind == "wfdb":
         rec = read_wfdb(path, record_id=key or Path(path).name)
     elif kind == "case":
@@ -111,8 +114,9 @@ def load_chart(task: LoadTask) -> Loaded:
     out = Loaded(task.item_id, task.key, patient_id=task.meta.get("patient_id"))
     try:
         page = open_chart(task.kind, task.path, task.meta, task.preset, task.dpi, task.key)
+        out.open_s = time.perf_counter() - t0
+        out.thumb = jpeg_bytes(page, task.thumb_width)  # first: a refused picture is shown with its error
         out.pixels = task.preprocess.pixels(page)
-        out.thumb = jpeg_bytes(page, task.thumb_width)
         if task.image_max_side:
             img = page.copy()
             img.thumbnail((task.image_max_side, task.image_max_side), Image.Resampling.LANCZOS)

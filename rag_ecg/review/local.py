@@ -15,7 +15,7 @@ from rich.text import Text
 
 from rag_ecg.data.store import Store
 from rag_ecg.review.config import ReviewConfig
-from rag_ecg.review.jobs import case_meta, commit_results, pending_batches, start_attempts
+from rag_ecg.review.jobs import Lease, case_meta, commit_results, pending_batches, start_attempts
 from rag_ecg.review.loader import Loader, LoadTask
 from rag_ecg.review.pipeline import ChartPipeline, ChartResult, check_backend
 
@@ -50,8 +50,9 @@ class ReviewProgress:
 
 
 def run_local(pipeline: ChartPipeline, store: Store, job_id: int, out_dir: Path, cfg: ReviewConfig,
-              on_results: Callable[[list[ChartResult]], None]) -> None:
-    """The local engine: loader processes feed batched embedding, search and reporting; commit per batch."""
+              on_results: Callable[[list[ChartResult]], None], lease: Lease | None = None) -> None:
+    """The local engine: loader processes feed batched embedding, search and reporting; commit per batch
+    (each batch claimed and committed only while `lease` still holds the job)."""
     loader = Loader(cfg.workers)
     # loader processes take `workers` cores: torch's OpenMP threads spin-wait badly when oversubscribed
     threads = torch.get_num_threads()
@@ -66,10 +67,10 @@ def run_local(pipeline: ChartPipeline, store: Store, job_id: int, out_dir: Path,
 
     try:
         for batch, loaded in loader.batches(task_batches()):
-            gave_up = start_attempts(store, batch, cfg.max_attempts)
+            gave_up = start_attempts(store, batch, cfg.max_attempts, lease)
             skip = {r.item_id for r in gave_up}
             results = pipeline.process([x for x in loaded if x.item_id not in skip]) + gave_up
-            commit_results(store, out_dir, results)
+            commit_results(store, out_dir, results, lease)
             on_results(results)
             check_backend(pipeline.spec.backend, results)
     finally:

@@ -145,7 +145,8 @@ def _attach_thumbs(store: Store, out_dir: Path, rows: list[dict], cfg: ReviewCon
     preset, dpi = review.get("preset", "clean"), int(review.get("dpi") or 100)
     for row in rows:
         name = f"chart-{row['id']}.jpg"
-        if not (thumbs / name).exists() and "embed" in row["timings"]:  # it loaded once: draw it again
+        opened = "open" in row["timings"] or "embed" in row["timings"]  # it opened once: draw it again
+        if not (thumbs / name).exists() and opened:
             meta = case_meta(store, [row["chart"]]).get(row["chart"], {})
             try:
                 page = open_chart(chart_kind(row["chart"]), row["path"], meta, preset, dpi, row["chart"])

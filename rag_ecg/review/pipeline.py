@@ -173,7 +173,7 @@ class ChartPipeline:
 
     def process(self, loaded: Sequence[Loaded]) -> list[ChartResult]:
         """Loaded charts -> results (errors recorded per chart)."""
-        results = {l.item_id: ChartResult(l.item_id, "error", l.error, {"load": round(l.load_s, 6)},
+        results = {l.item_id: ChartResult(l.item_id, "error", l.error, open_timings(l.load_s, l.open_s),
                                           thumb=l.thumb) for l in loaded}
         ok = [l for l in loaded if l.error is None]
         emb, t_embed = self.embed([l.pixels for l in ok])
@@ -193,6 +193,15 @@ class ChartPipeline:
     def close(self) -> None:
         if "backend" in self.__dict__:
             self.backend.close()
+
+
+def open_timings(load_s: float, open_s: float | None) -> dict[str, float]:
+    """A chart's first timings: `load` (open + preprocess) and, when the page opened, `open` — which also tells
+    the outputs that the file is a picture worth showing again, even if it was then refused as no ECG."""
+    out = {"load": round(load_s, 6)}
+    if open_s is not None:
+        out["open"] = round(open_s, 6)
+    return out
 
 
 def finish_result(res: ChartResult, key: str, evidence: Evidence, rep: Any, report_s: float) -> ChartResult:

@@ -3,9 +3,10 @@
 Why: a hospital backlog (10^5-10^6 charts) outgrows one machine. The pipeline is
 `from_items(pending charts) -> map_batches(load + embed) -> map_batches(search + not-an-ECG check)
 -> map_batches(report)`, each stage a pool of actors built from a picklable `PipelineSpec` (so the
-encoder, index and backend load once per actor), and the driver writes every finished batch to the store
-in one transaction exactly as the local engine does: a killed run resumes the same way. With a vLLM
-server as the backend, the report actors send concurrent requests (`--workers` each).
+encoder, index and backend load once per actor; it holds secrets, so it goes through Ray's object store),
+and the driver writes every finished batch to the store in one transaction exactly as the local engine
+does: a killed run resumes the same way. With a vLLM server as the backend, the report actors send
+concurrent requests (`--workers` each).
 
 Ray is an optional extra (`pip install 'ray[data]==2.60.0'`); this module is imported only for
 `engine="ray"`. Connects to `RAY_ADDRESS` when set (a cluster), else starts a local instance; on a
@@ -21,15 +22,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from rag_ecg.data.images import decode_image
 from rag_ecg.data.store import ReviewItem, Store
 from rag_ecg.errors import BackendError
 from rag_ecg.review.config import ReviewConfig, ReviewError
-from rag_ecg.review.jobs import case_meta, commit_results
+from rag_ecg.review.jobs import Lease, case_meta, claim_pending, commit_results
 from rag_ecg.review.loader import load_chart
-from rag_ecg.review.pipeline import ChartPipeline, ChartResult, PipelineSpec, check_backend, finish_result
+from rag_ecg.review.pipeline import (ChartPipeline, ChartResult, PipelineSpec, check_backend, finish_result,
+                                    open_timings)
 from rag_ecg.search.evidence import Evidence
 
 
@@ -41,6 +43,14 @@ def import_ray():
     except ImportError as exc:
         raise ReviewError(f"engine 'ray' needs Ray Data: pip install 'ray[data]==2.60.0' ({exc})") from None
     return ray, ray.data
+
+
+def unseal(spec) -> PipelineSpec:
+    """An actor's PipelineSpec: a reference into Ray's object store (how `run_ray` hands it over), or a dict."""
+    if not isinstance(spec, dict):
+        ray, _ = import_ray()
+        spec = ray.get(spec)
+    return PipelineSpec(**spec)
 
 
 def _png(image) -> bytes:
@@ -60,8 +70,8 @@ def _unpng(data: bytes):
 class LoadEmbed:
     """Actor: load/render each chart of a batch, embed the good ones in one forward pass."""
 
-    def __init__(self, spec: dict):
-        self.pipeline = ChartPipeline(PipelineSpec(**spec))
+    def __init__(self, spec):
+        self.pipeline = ChartPipeline(unseal(spec))
         self.pipeline.encoder  # load it now, not inside the first batch's timing
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -86,6 +96,7 @@ class LoadEmbed:
             "thumb": np.array([x.thumb or b"" for x in loaded], dtype=object),
             "image": np.array([_png(x.image) for x in loaded], dtype=object),
             "t_load": np.array([x.load_s for x in loaded], np.float64),
+            "t_open": np.array([np.nan if x.open_s is None else x.open_s for x in loaded], np.float64),
             "t_embed": np.array([t_embed if x.error is None else 0.0 for x in loaded], np.float64),
         }
 
@@ -93,8 +104,8 @@ class LoadEmbed:
 class Search:
     """Actor: nearest reference cases + label evidence, and the not-an-ECG check, for a batch."""
 
-    def __init__(self, spec: dict):
-        self.pipeline = ChartPipeline(PipelineSpec(**spec))
+    def __init__(self, spec):
+        self.pipeline = ChartPipeline(unseal(spec))
         self.pipeline.retriever  # load it now, not inside the first batch's timing
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -118,8 +129,8 @@ class Search:
 class Report:
     """Actor: the reader's report for each chart that has evidence (concurrent calls for vLLM)."""
 
-    def __init__(self, spec: dict):
-        self.pipeline = ChartPipeline(PipelineSpec(**spec))
+    def __init__(self, spec):
+        self.pipeline = ChartPipeline(unseal(spec))
         self.pipeline.backend  # load it now, not inside the first batch's timing
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -152,7 +163,8 @@ def results_from_batch(batch: dict[str, np.ndarray]) -> list[ChartResult]:
     """A finished Ray batch -> ChartResults, timed per stage like the local engine's."""
     out = []
     for n in range(len(batch["item_id"])):
-        timings = {"load": round(float(batch["t_load"][n]), 6)}
+        t_open = float(batch["t_open"][n])
+        timings = open_timings(float(batch["t_load"][n]), None if np.isnan(t_open) else t_open)
         for stage in ("embed", "search"):  # zero: the chart did not reach the stage
             if batch[f"t_{stage}"][n] > 0:
                 timings[stage] = round(float(batch[f"t_{stage}"][n]), 6)
@@ -180,30 +192,28 @@ def ensure_ray(num_cpus: int | None = None):
 
 
 def run_ray(spec: PipelineSpec, store: Store, job_id: int, out_dir: Path, cfg: ReviewConfig,
-            on_results: Callable[[list[ChartResult]], None]) -> None:
+            on_results: Callable[[list[ChartResult]], None], lease: Lease | None = None) -> None:
     """Review the job's pending charts on Ray Data; the driver commits each finished batch.
 
     Every pending chart counts one attempt when the run starts; Ray retries failed tasks and restarts
     dead actors itself, so `max_attempts` (the local engine's give-up rule) does not apply here."""
-    ensure_ray(num_cpus=max(2, cfg.workers))
+    ray = ensure_ray(num_cpus=max(2, cfg.workers))
     import ray.data as rd
 
     ctx = rd.DataContext.get_current()  # the review draws its own progress bar
     ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
 
-    with store.session() as s:
-        rows = s.execute(select(ReviewItem.id, ReviewItem.chart_key, ReviewItem.path)
-                         .where(ReviewItem.job_id == job_id, ReviewItem.status == "pending")
-                         .order_by(ReviewItem.id)).all()
-        s.execute(update(ReviewItem).where(ReviewItem.job_id == job_id, ReviewItem.status == "pending")
-                  .values(attempts=ReviewItem.attempts + 1))
+    rows = claim_pending(store, job_id, lease)
     if not rows:
         return
     metas = case_meta(store, [r[1] for r in rows])
     items = [{"item_id": int(i), "key": key, "path": path, "meta": json.dumps(metas.get(key, {}))}
              for i, key, path in rows]
-    sd = asdict(spec)
+    # Ray records operators' arguments (its export events write them to the session's logs): the spec holds
+    # the store URL with its password and the backend's keys, so it goes through the object store and the
+    # actors' arguments carry only its reference
+    sd = ray.put(asdict(spec))
     workers = max(1, cfg.workers)
     gpu = 1 if spec.device.startswith("cuda") else 0
     report_gpu = 1 if spec.backend == "hf" and str(spec.backend_options.get("device", "")).startswith("cuda") else 0
@@ -221,7 +231,7 @@ def run_ray(spec: PipelineSpec, store: Store, job_id: int, out_dir: Path, cfg: R
     try:
         for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=1):
             results = results_from_batch(batch)
-            commit_results(store, out_dir, results)
+            commit_results(store, out_dir, results, lease)
             left -= {r.item_id for r in results}
             on_results(results)
             check_backend(spec.backend, results)

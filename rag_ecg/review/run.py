@@ -140,7 +140,7 @@ def _review(input, out_dir, st: Store, index_dir, cfg: ReviewConfig, progress: b
     settings = redact({"review": asdict(cfg), "index": info, "rag_ecg_version": __version__})  # no secrets
     job_id, resumed = open_job(st, key, descriptor, out, settings)
     owner = lease_owner()
-    take_lease(st, job_id, owner)  # one run at a time per job (a dead run's lease does not block)
+    lease = take_lease(st, job_id, owner)  # one run at a time per job (a dead run's lease does not block)
     try:
         add_items(st, job_id, charts)
         if cfg.retry_errors:
@@ -179,9 +179,9 @@ def _review(input, out_dir, st: Store, index_dir, cfg: ReviewConfig, progress: b
                     if cfg.engine == "ray":
                         from rag_ecg.review.ray_engine import run_ray
 
-                        run_ray(spec, st, job_id, out, cfg, on_results)
+                        run_ray(spec, st, job_id, out, cfg, on_results, lease)
                     else:
-                        run_local(pipeline, st, job_id, out, cfg, on_results)
+                        run_local(pipeline, st, job_id, out, cfg, on_results, lease)
         finally:
             pipeline.close()
             elapsed = time.perf_counter() - t0

@@ -1,14 +1,18 @@
 """LoRA fine-tune of the tiny LLaVA-NeXT on conversations built from real PTB-XL cases.
 
-Checks: loss only on answer tokens; the loss falls on a fixed batch; an interrupted run resumed from its
-checkpoint ends bit-identical to an uninterrupted one; adapter save -> reload gives identical logits; the
-merged checkpoint loads with transformers and generates; QLoRA without a GPU fails with a clear message.
+Checks: loss only on answer tokens; the loss falls on a fixed batch; a run SIGKILLed right after its step-8
+checkpoint, run again, resumes there and ends bit-identical to an uninterrupted one; adapter save -> reload
+gives identical logits; the merged checkpoint loads with transformers and generates; QLoRA on a CPU device
+fails with a clear message (on any host).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,6 +84,12 @@ def tiny_dir(tmp_path_factory):
     return build_tiny_llava(tmp_path_factory.mktemp("model") / "tiny", seed=1)
 
 
+def _metrics(run: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock field (the one thing two identical runs may differ in)."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+
+
 def _cfg(tiny_dir, data_dir, out, **kw):
     ov = dict(model_path=str(tiny_dir), train_jsonl=str(data_dir / "train.jsonl"),
               val_jsonl=str(data_dir / "train.jsonl"), out_dir=str(out))
@@ -144,9 +154,12 @@ def test_finetune_loss_falls_resumes_exactly_and_merges(tiny_dir, data_dir, tmp_
     from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
 
     # 4 samples, batch 2 x accumulation 2: every optimizer step sees the same fixed batch
-    run = main(TINY_CFG, [f"model_path={tiny_dir}", f"train_jsonl={data_dir / 'train.jsonl'}",
-                             f"val_jsonl={data_dir / 'train.jsonl'}", f"out_dir={tmp_path / 'run'}",
-                             "lora_dropout=0.1", "max_steps=16", "save_every=8", "eval_every=8"])
+    def overrides(out: Path) -> list[str]:
+        return [f"model_path={tiny_dir}", f"train_jsonl={data_dir / 'train.jsonl'}",
+                f"val_jsonl={data_dir / 'train.jsonl'}", f"out_dir={out}",
+                "lora_dropout=0.1", "max_steps=16", "save_every=8", "eval_every=8"]
+
+    run = main(TINY_CFG, overrides(tmp_path / "run"))
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
@@ -156,18 +169,27 @@ def test_finetune_loss_falls_resumes_exactly_and_merges(tiny_dir, data_dir, tmp_
     assert manifest["steps"] == 16 and manifest["train_samples"] == N_CASES and not manifest["skipped_samples"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000008", "step-000016"]
 
-    # kill after step 8: keep only that checkpoint, run again -> resumes and ends bit-identical
+    # the same run as a script, SIGKILLed once its step-8 checkpoint is published (a fixed point in the run,
+    # RAG_ECG_KILL_AT), then run again: it resumes at step 8 and ends bit-identical, weights and metrics
     cut = tmp_path / "cut"
-    cut.mkdir()
-    shutil.copytree(run / "checkpoints" / "step-000008", cut / "checkpoints" / "step-000008")
+    killed = subprocess.run([sys.executable, str(REPO / "training" / "finetune_llm.py"), "--config", str(TINY_CFG),
+                             *overrides(cut)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "RAG_ECG_KILL_AT": "llm-checkpoint"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert "step 8/16" in killed.stderr and "step 9/16" not in killed.stderr, killed.stderr[-2000:]
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-000008"]
+    assert not (cut / "adapter").exists() and not (cut / "manifest.json").exists()
+    before = _metrics(cut)  # steps 1-8 and the step-8 evaluation, as the uninterrupted run logged them
+    assert before == _metrics(run)[: len(before)] and before[-1] == {"step": 8, "val_loss": vals[0]}
     logs = info_messages("training.finetune_llm")
-    cfg = _cfg(tiny_dir, data_dir, cut, lora_dropout=0.1, max_steps=16, save_every=8, eval_every=8)
-    train(cfg)
-    assert any("resumed from" in m and "step 8" in m for m in logs)
+    main(TINY_CFG, overrides(cut))
+    assert any("resumed from" in m and "step-000008 at step 8/16" in m for m in logs), logs
     a = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and any("multi_modal_projector" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _metrics(cut) == _metrics(run)  # every step's loss, lr and token count, both evaluations
+    assert json.loads((cut / "manifest.json").read_text())["steps"] == 16
 
     # a checkpoint from a different setup is refused, not silently mixed in
     with pytest.raises(ValueError, match="lora_r"):
@@ -234,10 +256,10 @@ def test_config_errors_are_one_clear_line(tiny_dir, data_dir, tmp_path):
                            [f"model_path={tiny_dir}", f"train_jsonl={data_dir / 'train.jsonl'}", "val_jsonl=null"])
     assert pulse.dtype == "bf16" and pulse.lora_r in (64, 128) and pulse.max_length >= 2048
     assert 2e-5 <= pulse.learning_rate <= 2e-4 and pulse.per_device_batch_size * pulse.grad_accum == 128
-    if not torch.cuda.is_available():
-        cfg = _cfg(tiny_dir, data_dir, tmp_path, quantization="4bit")
-        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-            load_base_model(cfg, setup_distributed("cpu"))
+    # QLoRA on a CPU device: refused in one line on any host (a GPU host included: device is what counts)
+    cfg = _cfg(tiny_dir, data_dir, tmp_path, quantization="4bit")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU \\(bitsandbytes\\), the run's device is cpu"):
+        load_base_model(cfg, setup_distributed("cpu"))
 
 
 class _RunsCode:

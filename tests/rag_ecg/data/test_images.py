@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rag_ecg.data.images import ImageLoadError, load_image, save_image
+from rag_ecg.data.images import (IMAGE_SUFFIXES, ImageLoadError, load_image, page_name, pdf_page_count,
+                                  save_image, split_page)
 from rag_ecg.data.records import read_ludb
 from rag_ecg.errors import InputError
 from rag_ecg.paper.layout import RenderConfig
@@ -107,7 +108,7 @@ def test_empty_file(tmp_path):
 def test_text_file_is_not_an_image(tmp_path):
     p = tmp_path / "ecg-07.jpg"
     p.write_text("patient 7, 12-lead ECG, sinus rhythm\n")
-    msg = _fails(p, r"not an image \(looks like text; expected PNG, JPEG, BMP, TIFF, WebP, GIF or PDF\)")
+    msg = _fails(p, r"not an image \(looks like text; expected PNG, JPEG, BMP, TIFF, WebP, GIF, HEIC/HEIF or PDF\)")
     assert msg.startswith("ecg-07.jpg: not an image")
 
 
@@ -264,3 +265,72 @@ def test_implausible_page_shapes_are_refused(tmp_path):
     tiny = tmp_path / "icon.png"
     Image.new("RGB", (16, 16), "white").save(tiny)
     _fails(tiny, r"16x16 is too small for an ECG page")
+
+
+# ---------------------------------------------------------------- iPhone HEIC, every page of a PDF (issue 15 item 9)
+
+def _ecg(ludb_dir, record: str = "2", dpi: int = 50) -> Image.Image:
+    return render_record(read_ludb(ludb_dir / "data" / record), RenderConfig(dpi=dpi)).image
+
+
+def _diff(a: Image.Image, b: Image.Image) -> float:
+    return float(np.abs(np.asarray(a.convert("RGB")).astype(int) - np.asarray(b.convert("RGB")).astype(int)).mean())
+
+
+def test_iphone_heic_loads_upright_like_a_jpeg(tmp_path, ludb_dir):
+    """A phone photo taken turned: the pixels are stored sideways and the file says how to turn them (irot +
+    EXIF orientation 6, as an iPhone writes). Loaded, it is the upright page (HEVC tolerance), as the same
+    sideways pixels in a JPEG with that EXIF tag are."""
+    upright = _ecg(ludb_dir)
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)  # displayed turned 90° clockwise = upright
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    heic, jpeg = tmp_path / "IMG_0042.HEIC", tmp_path / "IMG_0042.jpg"
+    sideways.save(heic, format="HEIF", exif=exif.tobytes(), quality=90)
+    sideways.save(jpeg, exif=exif, quality=95)
+    assert heic.read_bytes()[4:12] == b"ftypheic" and heic.suffix.lower() in IMAGE_SUFFIXES
+    with Image.open(heic, formats=["HEIF"]) as raw:
+        assert raw.info["original_orientation"] == 6  # the file carried the EXIF tag ...
+    for p in (heic, jpeg):
+        im = load_image(p)
+        assert im.mode == "RGB" and im.size == upright.size, p.name  # ... and the page is turned once, not twice
+        assert _diff(im, upright) < 8, p.name
+        assert _diff(im, upright.transpose(Image.Transpose.ROTATE_180)) > 2 * _diff(im, upright), p.name
+
+
+def test_broken_heic_is_one_line(tmp_path, ludb_dir):
+    good = tmp_path / "good.heic"
+    _ecg(ludb_dir).save(good, format="HEIF", quality=50)
+    cut = tmp_path / "cut.heic"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # the header is whole, the picture is not
+    _fails(cut, "corrupt or truncated HEIF")
+    cut.write_bytes(good.read_bytes()[:100])  # not even the header: libheif cannot open it
+    _fails(cut, r"unreadable HEIC/HEIF image \(corrupt, truncated")
+    avif = tmp_path / "photo.heic"  # an AVIF under a HEIC name: no AV1 decoder is shipped, named as such
+    avif.write_bytes(b"\x00\x00\x00\x1cftypavif" + b"\x00" * 200)
+    _fails(avif, "AVIF is not an allowed picture format")
+
+
+def test_every_page_of_a_pdf_loads(tmp_path, ludb_dir):
+    """`page=k` renders page k (each page is its own ECG, found by its pixels); the count is cheap; a missing page
+    or a bad one is an error line naming `x.pdf#page=N`."""
+    pages = [_ecg(ludb_dir, r) for r in ("1", "2", "3")]
+    p = tmp_path / "cart export.pdf"
+    tiny = Image.new("RGB", (16, 16), "white")
+    pages[0].save(p, "PDF", resolution=50.0, save_all=True, append_images=pages[1:] + [tiny])
+    assert pdf_page_count(p) == 4
+    for k, page in enumerate(pages):
+        im = load_image(p, pdf_dpi=50, page=k).resize(page.size)
+        assert min(range(3), key=lambda j: _diff(im, pages[j])) == k
+    with pytest.raises(ImageLoadError, match=r"^cart export\.pdf#page=4: 16x16 is too small for an ECG page"):
+        load_image(p, pdf_dpi=50, page=3)
+    _fails(p, r"cart export\.pdf: PDF has 4 pages, no page 5", page=4)
+    png = tmp_path / "one.png"
+    pages[0].save(png)
+    assert pdf_page_count(png) == 1
+    _fails(png, "no page 2", page=1)
+    bad = tmp_path / "bad.pdf"
+    bad.write_bytes(b"%PDF-1.4\n1 0 obj garbage\n")
+    with pytest.raises(ImageLoadError, match="bad.pdf: unreadable PDF"):
+        pdf_page_count(bad)
+    assert split_page(page_name("/a/x.PDF", 11)) == ("/a/x.PDF", 11) and split_page("/a/x.png") == ("/a/x.png", 0)

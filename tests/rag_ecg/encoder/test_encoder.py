@@ -13,6 +13,7 @@ from rag_ecg.encoder.checkpoint import MANIFEST, OPEN_CLIP_CONFIG, WEIGHTS, Enco
 from rag_ecg.encoder.configs import MODEL_NAMES, model_config, register_model_configs
 from rag_ecg.encoder.model import ECGEncoder
 from rag_ecg.encoder.preprocess import Preprocess
+from rag_ecg.paper.digitize import DigitizeError
 from rag_ecg.encoder.text import case_text
 from rag_ecg.errors import InputError
 from rag_ecg.io import versions
@@ -66,19 +67,29 @@ def test_case_text_puts_english_code_descriptions_first():
 def test_letterbox_keeps_the_page_aspect_on_white_paper():
     pre = Preprocess(height=64, width=96)
     page = Image.new("RGB", (1100, 850), (0, 0, 0))  # letter landscape, all ink
-    px = pre.pixels(page)
+    px = pre.pixels(page, strict=False)  # geometry only: a user's all-black picture is refused (next test)
     assert px.shape == (64, 96, 3) and px.dtype == np.uint8
     ink_cols = np.flatnonzero((px < 128).all(axis=(0, 2)))
     # 1100x850 scaled by 64/850 -> 83 px wide, centred: 6 white columns left, 7 right
     assert ink_cols.size == 83 and ink_cols[0] == 6
     assert (px[:, :6] == 255).all() and (px[:, -7:] == 255).all()
     # a portrait photo is letterboxed too, never cropped
-    tall = pre.pixels(Image.new("L", (300, 600), 0))
+    tall = pre.pixels(Image.new("L", (300, 600), 0), strict=False)
     assert (tall < 128).all(axis=(1, 2)).sum() == 0 and (tall < 128).any()
     # deterministic, and normalisation maps white to +1
-    assert np.array_equal(pre.pixels(page), px)
-    x = pre(page)
+    assert np.array_equal(pre.pixels(page, strict=False), px)
+    x = pre.normalize(torch.from_numpy(px)[None])[0]
     assert tuple(x.shape) == (3, 64, 96) and float(x.max()) == pytest.approx(1.0)
+
+
+def test_an_image_tower_refuses_a_users_picture_with_no_ecg_traces(pages):
+    """The image tower would embed anything; the digitiser's trace-row check is its not-an-ECG gate too."""
+    pre = Preprocess(height=64, width=96)
+    assert pre.pixels(pages[0][0]).shape == (64, 96, 3)  # a real page passes
+    for picture in (Image.new("RGB", (1100, 850), "white"), Image.new("L", (300, 600), 0)):
+        with pytest.raises(DigitizeError, match="no readable ECG traces"):
+            pre.pixels(picture)
+        assert pre.pixels(picture, strict=False).shape == (64, 96, 3)  # library renders and training pages
 
 
 def test_embeddings_are_normalised_float32_and_batch_independent(tiny, pages):
@@ -152,11 +163,28 @@ def test_load_says_what_does_not_match(tiny, tmp_path):
 def test_cpu_config_builds_at_its_landscape_geometry():
     enc = ECGEncoder.create("ecg-clip-cpu")
     assert enc.image_size == (256, 352)
-    emb = enc.embed_images([Image.new("RGB", (1100, 850), "white")])
+    emb = enc.embed_images([Image.new("RGB", (1100, 850), "white")], strict=False)
     assert emb.shape == (1, enc.embed_dim)
-    if not torch.cuda.is_available():  # asking for a GPU the machine lacks is a one-line input error
-        with pytest.raises(InputError, match="CUDA is not available"):
-            ECGEncoder.create("ecg-clip-tiny", device="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a host without CUDA; this host has it "
+                    "(test_cuda_encoder_embeds_on_the_gpu runs instead)")
+def test_asking_for_cuda_without_a_gpu_is_a_one_line_input_error():
+    with pytest.raises(InputError, match="device 'cuda': CUDA is not available on this machine"):
+        ECGEncoder.create("ecg-clip-tiny", device="cuda")
+    assert ECGEncoder.create("ecg-clip-tiny", device="auto").device == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the no-GPU side is "
+                    "test_asking_for_cuda_without_a_gpu_is_a_one_line_input_error)")
+def test_cuda_encoder_embeds_on_the_gpu(pages):
+    gpu = ECGEncoder.create("ecg-clip-tiny", device="cuda", seed=0)
+    cpu = ECGEncoder.create("ecg-clip-tiny", device="cpu", seed=0)
+    assert gpu.device == "cuda" and {p.device.type for p in gpu.model.parameters()} == {"cuda"}
+    a, b = gpu.embed_images(pages[0], strict=False), cpu.embed_images(pages[0], strict=False)
+    assert a.shape == b.shape == (3, gpu.embed_dim) and a.dtype == np.float32
+    # same weights, same pages: the same unit vectors up to GPU rounding (TF32 convolutions)
+    assert np.all((a * b).sum(axis=1) > 0.999), (a * b).sum(axis=1)
 
 
 def test_trace_tower_lock_and_grad_checkpointing_follow_open_clip_hooks():

@@ -25,15 +25,21 @@ def test_sideways_page_reads_like_the_upright_one(ptb, preset):
         assert _agree(read.signal, read.mask, truth, tmask) > base - 0.02, degrees
 
 
-def test_real_printout_scanned_sideways(shared_data):
-    """A real hospital printout (Khan et al.) turned a quarter reads as the upright picture does."""
-    image = Image.open(shared_data / "real-pictures" / "khan" / "NORMAL_0057.jpg").convert("RGB")
+# NORMAL_0057: the first one read; HMI_0011: turned 90° it was read as lying upright (the segmenter followed the
+# vertical traces) and at 270° turned the wrong quarter (its upright traces skew down); ecg00006 (a GE page): pulse
+# at both row ends on some rows, told apart by which end holds more standing pulses
+@pytest.mark.parametrize("name", ["khan/NORMAL_0057.jpg", "khan/HMI_0011.jpg", "assorted/ecg00006.png"])
+def test_real_printout_scanned_sideways(shared_data, name):
+    """A real printout turned a quarter either way reads as the upright picture does."""
+    image = Image.open(shared_data / "real-pictures" / name).convert("RGB")
     upright = digitize(np.asarray(image))
-    read = digitize(np.asarray(image.rotate(90, expand=True)))
-    assert read.turns == 3 and read.layout == upright.layout == "3x4+II"
-    both = upright.mask & read.mask
-    cors = [np.corrcoef(upright.signal[i][both[i]], read.signal[i][both[i]])[0, 1] for i in range(12)]
-    assert np.mean(cors) > 0.95, cors
+    assert upright.turns == 0
+    for degrees in (90, 270):
+        read = digitize(np.asarray(image.rotate(degrees, expand=True)))
+        assert read.turns == (4 - degrees // 90) % 4 and read.layout == upright.layout, (degrees, read.turns)
+        both = upright.mask & read.mask
+        cors = [np.corrcoef(upright.signal[i][both[i]], read.signal[i][both[i]])[0, 1] for i in range(12)]
+        assert np.mean(cors) > 0.9, (degrees, cors)
 
 
 @pytest.mark.parametrize("preset", ["clean", "scan"])

@@ -1,11 +1,11 @@
 """The review tests' shared world: a real store + tiny-encoder index + a folder of good and planted bad charts.
 
 The reference library is a real store (tests/conftest's 80 PTB-XL + 5 LUDB cases, copied) indexed with the
-tiny random-init encoder `ecg-clip-tiny`. Good charts are drawn the way the library pages are (clean preset
-at the index's 100 dpi, saved as PNG/JPEG/PDF/BMP/TIFF, plus a raw WFDB record the review draws itself):
-with an untrained encoder every page embeds within ~1e-3 cosine of every other, so the calibrated
-not-an-ECG floor is tight and photo-like artifacts would fall below it. The gradient+noise picture is far
-below it. Built once per session on disk (`review_env`); `uninterrupted` is one clean run every test
+briefly trained tiny encoder (tests/conftest `tiny_encoder`: library cases spread over cosines ~0-0.99, so
+scores and neighbour order mean something). Good charts are drawn the way the library pages are (clean preset
+at the index's 100 dpi, saved as PNG/JPEG/PDF/BMP/TIFF, plus a raw WFDB record the review draws itself). The
+gradient+noise picture holds no trace rows: the digitiser's check refuses it while loading, as it would for
+any encoder. Built once per session on disk (`review_env`); `uninterrupted` is one clean run every test
 compares against. The helpers below are imported by the test modules (`from tests.rag_ecg.review.conftest`).
 """
 from __future__ import annotations
@@ -22,7 +22,6 @@ from PIL import Image
 from index.build import BuildConfig, build_index
 from rag_ecg.data.records import read_wfdb
 from rag_ecg.data.store import open_store
-from rag_ecg.encoder.model import ECGEncoder
 from rag_ecg.paper.render import render_page
 from rag_ecg.review.run import review
 
@@ -40,7 +39,7 @@ BAD = {  # chart key -> what its one-line error must say
     "bad/corrupt.png": "corrupt or truncated",
     "bad/text.jpg": "not an image",
     "bad/empty.png": "empty file",
-    "bad/gradient.png": "not an ECG",
+    "bad/gradient.png": "no readable ECG traces",
     "bad/04178_lr.hea": "truncated",
     "bad/broken.pdf": "unreadable PDF",
     "notes.txt": "notes.txt: not an ECG picture or WFDB record: .txt",  # every file of the folder gets a row
@@ -88,14 +87,14 @@ def copy_db(src_url: str, dst: Path) -> str:
     return f"sqlite:///{dst}"
 
 
-def build_env(base: Path, ingested_store, ptbxl_dir: Path) -> dict:
+def build_env(base: Path, ingested_store, encoder: Path, ptbxl_dir: Path) -> dict:
     """Store copy + tiny-encoder index + charts folder, built once per session (a marker file on disk)."""
     marker = base / "ready.json"
     if marker.exists():
         return json.loads(marker.read_text())
     base.mkdir(parents=True, exist_ok=True)
     url = copy_db(ingested_store.url, base / "cases.db")
-    ECGEncoder.create("ecg-clip-tiny", seed=0).save(base / "encoder")
+    shutil.copytree(encoder, base / "encoder")
     store = open_store(url)
     build_index(store, base / "encoder", name="review-test", out_dir=base / "index",
                 cfg=BuildConfig(workers=1, page_width=400), progress=False)
@@ -141,8 +140,8 @@ def assert_close(a, b, where: str = "", tol: float = 1e-4) -> None:
 
 
 @pytest.fixture(scope="session")
-def review_env(tmp_path_factory, ingested_store, ptbxl_dir) -> dict:
-    return build_env(tmp_path_factory.getbasetemp() / "review-env", ingested_store, ptbxl_dir)
+def review_env(tmp_path_factory, ingested_store, tiny_encoder, ptbxl_dir) -> dict:
+    return build_env(tmp_path_factory.getbasetemp() / "review-env", ingested_store, tiny_encoder, ptbxl_dir)
 
 
 @pytest.fixture(scope="session")

@@ -94,7 +94,7 @@ def test_a_replaced_file_is_reviewed_again_and_an_unchanged_folder_resumes(revie
     assert (third.key, third.job_id) == (first.key, first.job_id)
     after = rows_of(out)
     assert sorted(after) == names and before["page.png"]["status"] == "done"
-    assert after["page.png"]["status"] == "error" and "not an ECG" in after["page.png"]["error"]
+    assert after["page.png"]["status"] == "error" and "no readable ECG traces" in after["page.png"]["error"]
     assert {k: comparable(v) for k, v in after.items() if k != "page.png"} == \
         {k: comparable(v) for k, v in before.items() if k != "page.png"}
     assert review(tmp_path / "charts", out, **kw).processed == 0

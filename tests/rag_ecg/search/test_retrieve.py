@@ -6,12 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from rag_ecg.data.records import ptbxl_record, read_ptbxl_index
 from rag_ecg.data.store import Case
+from rag_ecg.paper.digitize import DigitizeError
 from rag_ecg.paper.render import render_page
 from rag_ecg.reader.retrieval import RetrievalBackend
-from rag_ecg.search.retrieve import Retriever
+from rag_ecg.search.retrieve import NotAnECGError, Retriever
 
 K = 8
 N_HELD_OUT = 40
@@ -62,3 +64,24 @@ def test_results_do_not_depend_on_the_torch_thread_count(retriever, held_out):
         assert [n["case_id"] for n in ev1["neighbours"]] == [n["case_id"] for n in ev2["neighbours"]]
         assert [n["score"] for n in ev1["neighbours"]] == [n["score"] for n in ev2["neighbours"]]
         assert report1 == report2  # the same citations, in the same order
+
+
+def test_the_similarity_floor_passes_real_pages_and_refuses_what_lies_far_from_the_library(retriever, held_out):
+    floor = retriever.calibration.min_top_score
+    assert floor is not None and -1.0 < floor < 1.0
+    for ev in retriever.search_images(held_out[1][:10], k=K):
+        retriever.check(ev)  # real ECG pages of other patients clear it
+    vectors = retriever.image_index.vectors(retriever.image_index.ids)
+    away = -vectors.mean(axis=0)  # the direction opposite the library's
+    (ev,) = retriever.search_embeddings((away / np.linalg.norm(away))[None], k=K)
+    assert ev.neighbours[0].score < floor
+    with pytest.raises(NotAnECGError, match=r"below .*not an ECG\?"):
+        retriever.check(ev)
+
+
+def test_a_picture_with_no_trace_rows_is_refused_before_it_is_embedded(retriever):
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:600, 0:800]
+    photo = np.stack([x / 800 * 255, y / 600 * 200, (1 - x / 800) * 180], -1) + rng.normal(0, 25, (600, 800, 3))
+    with pytest.raises(DigitizeError, match="no readable ECG traces"):  # an image tower embeds anything otherwise
+        retriever.search_images([Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8))], k=K)
