@@ -25,8 +25,8 @@ from typer.core import TyperGroup
 from rag_ecg import paths
 from rag_ecg.errors import InputError, RagEcgError
 
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)  # paths and summary lines whole, one a line, whatever the terminal width
+err = Console(stderr=True, soft_wrap=True)
 
 # Exit codes (README "Exit codes"): 0 ok, 1 other error, 2 bad input (file, record, picture, option, config),
 # 3 reader backend or server failed, 4 artifact missing or mismatched (encoder, index, job).
@@ -169,6 +169,56 @@ def digitize(images: list[Path] = typer.Argument(..., help="pictures (PNG/JPEG/B
         raise typer.Exit(2)
 
 
+@app.command()
+def measure(inputs: list[Path] = typer.Argument(..., help="pictures or WFDB records (.hea)"),
+            fmt: str = typer.Option("table", "--format", help="table | json"),
+            sex: Optional[str] = typer.Option(None, help="M | F: the V2-V3 STEMI threshold (default: the "
+                                              "record's header; unknown: 1.5 mm)"),
+            age: Optional[float] = typer.Option(None, help="years (men < 40: 2.5 mm in V2-V3)"),
+            speed: float = typer.Option(25.0, help="paper speed of pictures, mm/s"),
+            gain: Optional[float] = typer.Option(None, help="gain of pictures, mm/mV (default: 10 or the pulse's)")) -> None:
+    """Measure rate, rhythm, axis, PR/QRS/QT/QTc, ST per lead and the STEMI criteria of each ECG.
+
+    One object per input (--format json); an input that cannot be measured gets its one-line `error` (also on
+    stderr) and the others go on. Exit code 2 if any failed."""
+    import json
+
+    from rag_ecg.measure.inputs import measure_input
+    from rag_ecg.measure.result import failed
+
+    if fmt not in ("table", "json"):
+        raise InputError(f"--format {fmt!r} is not one of table, json")
+    if sex is not None and sex.upper()[:1] not in ("M", "F"):
+        raise InputError(f"--sex {sex!r} is not M or F")
+    results = []
+    for path in inputs:
+        try:
+            results.append(measure_input(path, sex=sex, age=age, speed_mm_s=speed, gain_mm_mv=gain).to_dict())
+        except (RagEcgError, *USER_FILE_ERRORS) as exc:
+            line = " ".join(str(exc).split()) or type(exc).__name__
+            line = line if str(path) in line or path.name in line else f"{path}: {line}"
+            err.print(f"[red]error:[/] {line}", markup=True, highlight=False, soft_wrap=True)
+            results.append(failed(str(path), line))
+    if fmt == "json":
+        sys.stdout.write(json.dumps(results, indent=2) + "\n")
+    else:
+        table = Table(title="measurements (ms, bpm; not for clinical use)")
+        for col in ("input", "HR", "irreg.", "axis°", "PR", "QRS", "QT", "QTcB", "QTcF", "STEMI criteria / error"):
+            table.add_column(col, justify="left" if col in ("input", "STEMI criteria / error") else "right")
+        show = lambda v: "-" if v is None else str(v)  # noqa: E731
+        for r in results:
+            if r["error"]:
+                table.add_row(Path(r["input"]).name, *[""] * 8, f"[red]{r['error']}[/]")
+                continue
+            stemi = "[bold red]" + ", ".join(r["stemi_criteria"]) + "[/]" if r["stemi_criteria"] else "no"
+            table.add_row(Path(r["input"]).name, show(r["heart_rate_bpm"]), show(r["rr_irregular"]), show(r["qrs_axis_deg"]),
+                          show(r["pr_ms"]), show(r["qrs_ms"]), show(r["qt_ms"]), show(r["qtc_bazett_ms"]),
+                          show(r["qtc_fridericia_ms"]), stemi)
+        console.print(table)
+    if any(r["error"] for r in results):
+        raise typer.Exit(2)
+
+
 @app.command("train-encoder")
 def train_encoder(config: Path = typer.Option(Path("training/configs/encoder_cpu.yaml"), help="YAML config"),
                   set_: list[str] = typer.Option([], "--set", help="override a config field: key=value"),
@@ -177,7 +227,7 @@ def train_encoder(config: Path = typer.Option(Path("training/configs/encoder_cpu
     from training.train_encoder import main
 
     overrides = list(set_) + ([f"db={db}"] if db else [])
-    console.print(f"checkpoint: {main(config, overrides)}")
+    console.print(f"checkpoint: {main(config, overrides)}", soft_wrap=True)  # a path: never cut in two
 
 
 @app.command("train-segmenter")
@@ -188,7 +238,7 @@ def train_segmenter(config: Path = typer.Option(Path("training/configs/segmenter
     """Train the trace segmenter on rendered pages' pixel-exact trace masks; prints the weights file."""
     from training.train_segmenter import main
 
-    console.print(f"segmenter: {main(config, list(set_), export)}")
+    console.print(f"segmenter: {main(config, list(set_), export)}", soft_wrap=True)
 
 
 @app.command("eval-encoder")
@@ -323,7 +373,7 @@ def review(input: str = typer.Argument(..., help="folder, CSV with a path column
     opts = {k_: v for k_, v in dict(base_url=base_url, model=model, model_path=model_path).items() if v}
     s = run_review(input, out, store=db, index_dir=index, backend=backend, backend_options=opts, k=k,
                    workers=workers, batch_size=batch_size, engine=engine, limit=limit, retry_errors=retry_errors)
-    console.print(s.text())
+    console.print(s.text(), soft_wrap=True)  # whole output paths, one a line, whatever the width
 
 
 @app.command("eval")

@@ -169,7 +169,7 @@ def scratch_store(tmp_path, ingested_store):
 @pytest.fixture
 def log_messages():
     """`lines = log_messages("index.ingest")`: the messages that logger emits during the test, whatever
-    handlers or propagation `cli.py`'s logging set-up left on it."""
+    handlers, propagation or level `cli.py`'s logging set-up left on it."""
     attached = []
 
     def collect(name: str) -> list[str]:
@@ -178,9 +178,11 @@ def log_messages():
         handler.emit = lambda record: lines.append(record.getMessage())
         logger = logging.getLogger(name)
         logger.addHandler(handler)
-        attached.append((logger, handler))
+        attached.append((logger, handler, logger.level))
+        logger.setLevel(logging.DEBUG)  # every message, whatever level the root was left at
         return lines
 
     yield collect
-    for logger, handler in attached:
+    for logger, handler, level in attached:
         logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -224,7 +224,7 @@ def test_build_index_then_search_it(tiny_encoder, ingested_store, tmp_path):
     res = runner.invoke(app, ["build-index", "--encoder", str(tiny_encoder), "--db", ingested_store.url,
                               "--split", "val", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert f"index: {out}" in res.output.replace("\n", "")
+    assert f"index: {out}" in res.output.splitlines()  # whole, on one line
     with ingested_store.session() as s:
         val = sorted(c.id for c in s.scalars(select(Case)) if c.split == "val")
     retriever = Retriever.open(out, ingested_store)

@@ -36,6 +36,13 @@ def job_key(descriptor: str, cfg: ReviewConfig, index: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def last_version(store: Store, key: str) -> str | None:
+    """The rag-ecg version the job's last run recorded (None: a new job, or one from before versions were kept)."""
+    with store.session() as s:
+        settings = s.scalar(select(ReviewJob.settings).where(ReviewJob.key == key))
+    return (settings or {}).get("rag_ecg_version")
+
+
 def open_job(store: Store, key: str, descriptor: str, out_dir: Path, settings: dict) -> tuple[int, bool]:
     """(job id, existed before): find the job by key, or create it (safe against a concurrent creator)."""
     with store.session() as s:

@@ -14,6 +14,7 @@ report (backend; concurrent calls for vLLM) -> store row. `engine="ray"` runs th
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,13 +26,15 @@ from rag_ecg.paper.presets import PRESETS
 from rag_ecg.redact import redact
 from rag_ecg.review.config import STAGES, THUMBS, ReviewConfig, ReviewError
 from rag_ecg.review.inputs import discover
-from rag_ecg.review.jobs import (add_items, job_key, lease_owner, mark_done, open_job, reject_items,
+from rag_ecg.review.jobs import (add_items, job_key, last_version, lease_owner, mark_done, open_job, reject_items,
                                  release_lease, renew_lease, reset_errors, status_counts, take_lease)
 from rag_ecg.review.local import ReviewProgress, run_local
 from rag_ecg.review.outputs import write_outputs
 from rag_ecg.review.pipeline import ChartPipeline, ChartResult, PipelineSpec
 from rag_ecg.search.index_folder import check_store
 from rag_ecg.search.retrieve import MANIFEST, IndexNotReadyError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,12 +141,17 @@ def _review(input, out_dir, st: Store, index_dir, cfg: ReviewConfig, progress: b
     descriptor, charts = discover(input, st, out, cfg.limit)
     key = job_key(descriptor, cfg, info)
     settings = redact({"review": asdict(cfg), "index": info, "rag_ecg_version": __version__})  # no secrets
+    before = last_version(st, key)
     job_id, resumed = open_job(st, key, descriptor, out, settings)
+    upgraded = resumed and before is not None and before != __version__
     owner = lease_owner()
     lease = take_lease(st, job_id, owner)  # one run at a time per job (a dead run's lease does not block)
     try:
         add_items(st, job_id, charts)
-        if cfg.retry_errors:
+        if cfg.retry_errors or upgraded:  # a newer reader may read what an older one refused
+            if upgraded and not cfg.retry_errors:
+                log.info("rag-ecg %s ran this job before (now %s): charts that ended in error are tried again",
+                         before, __version__)
             reset_errors(st, job_id)
         reject_items(st, job_id, charts)  # files that are not charts: error rows, never opened
         (out / THUMBS).mkdir(parents=True, exist_ok=True)

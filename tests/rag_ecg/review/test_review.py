@@ -115,6 +115,26 @@ def test_rerun_resumes_the_finished_job_without_redoing_anything(review_env, uni
     assert len(list((tmp_path / "out2" / "thumbs").glob("chart-*.jpg"))) == 8  # 7 good + the gradient
 
 
+def test_a_job_last_run_by_another_rag_ecg_version_tries_its_error_rows_again(review_env, uninterrupted, tmp_path,
+                                                                              log_messages):
+    """After an upgrade the reader may read pictures the old one refused: their error rows are retried once."""
+    (tmp_path / "db").mkdir()
+    url = copy_db(uninterrupted["url"], tmp_path / "db" / "old.db")
+    db = open_store(url)
+    with db.session() as s:
+        job = s.query(ReviewJob).one()
+        job.settings = {**job.settings, "rag_ecg_version": "0.0.1"}
+    db.dispose()
+    lines = log_messages("rag_ecg.review.run")
+    kw = dict(store=url, index_dir=review_env["index"], workers=1, batch_size=BATCH, progress=False)
+    s = review(review_env["charts"], tmp_path / "out", **kw)
+    assert s.resumed and s.processed == 6 and (s.done, s.error) == (7, 7)  # 6 error charts opened again (not notes.txt)
+    assert any("rag-ecg 0.0.1 ran this job before" in m for m in lines)
+    assert {k: comparable(v) for k, v in rows_of(tmp_path / "out").items()} == \
+        {k: comparable(v) for k, v in rows_of(uninterrupted["out"]).items()}
+    assert review(review_env["charts"], tmp_path / "out", **kw).processed == 0  # now this version's: once only
+
+
 def test_killed_run_resumes_to_the_same_results(review_env, uninterrupted, tmp_path):
     url = fresh_store(review_env, tmp_path)
     out = tmp_path / "out"
