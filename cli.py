@@ -354,7 +354,7 @@ def report(query: Path = typer.Argument(..., help="ECG image (PNG/JPEG/TIFF/BMP/
     evidence, image = _query_evidence(query, None, index, db, k, None)
     opts = {k_: v for k_, v in dict(base_url=base_url, model=model, model_path=model_path).items() if v}
     text = report_command(query if image is None else image, evidence, backend=backend, fmt=fmt, out=out,
-                          backend_options=opts, cot=not no_cot, max_cases=max_cases)
+                          backend_options=opts, cot=not no_cot, max_cases=max_cases, measure_from=query)
     print(text) if out is None else console.print(f"written {out}")
 
 

@@ -19,7 +19,9 @@ from rag_ecg.errors import InputError
 from rag_ecg.measure.core import measure_signal
 from rag_ecg.measure.result import Measurements
 from rag_ecg.paper.calibration import calibrate, to_millivolts
-from rag_ecg.paper.digitize import digitize, working_page
+from rag_ecg.paper.digitize import Digitized, digitize, working_page
+
+PAGE_FS = 500.0  # Hz a page read is measured at (the digitiser exports WFDB at it too)
 
 WFDB_SUFFIXES = {".hea", ".dat"}
 
@@ -74,10 +76,17 @@ def read_record_mv(path: Path) -> tuple[np.ndarray, float, str | None, float | N
 
 def picture_mv(path: Path, speed_mm_s: float = 25.0, gain_mm_mv: float | None = None) -> np.ndarray:
     """A picture -> (5000, 12) mV at 500 Hz, NaN where a lead is not printed."""
-    page = np.asarray(load_image(path))
-    read = digitize(page)
+    return page_mv(np.asarray(load_image(path)), speed_mm_s=speed_mm_s, gain_mm_mv=gain_mm_mv)
+
+
+def page_mv(page: np.ndarray, read: Digitized | None = None, speed_mm_s: float = 25.0,
+            gain_mm_mv: float | None = None) -> np.ndarray:
+    """An (H, W, 3) uint8 page -> (5000, 12) mV at 500 Hz on its own millimetre scale; `read`: the digitiser's
+    read of it when already made (a review reads each picture once)."""
+    page = np.ascontiguousarray(page)
+    read = digitize(page) if read is None else read
     cal = calibrate(working_page(page, read), read, speed_mm_s=speed_mm_s, gain_mm_mv=gain_mm_mv)
-    return to_millivolts(read, cal, fs=500.0)
+    return to_millivolts(read, cal, fs=PAGE_FS)
 
 
 def measure_input(path: str | Path, sex: str | None = None, age: float | None = None, speed_mm_s: float = 25.0,
@@ -90,7 +99,7 @@ def measure_input(path: str | Path, sex: str | None = None, age: float | None = 
     if is_wfdb(path):
         sig, fs, rec_sex, rec_age = read_record_mv(path)
     else:
-        sig, fs, rec_sex, rec_age = picture_mv(path, speed_mm_s, gain_mm_mv), 500.0, None, None
+        sig, fs, rec_sex, rec_age = picture_mv(path, speed_mm_s, gain_mm_mv), PAGE_FS, None, None
     if not np.isfinite(sig).any(axis=0).any():
         raise InputError(f"{path}: no lead holds any signal")
     return measure_signal(sig, fs, sex or rec_sex, age if age is not None else rec_age, input_name=str(path))

@@ -30,7 +30,7 @@ class LLMBackend(ABC):
     def generate(self, messages: Sequence[Any], images: Sequence["Image.Image"] = ()) -> str:
         """The assistant's answer to the conversation."""
 
-    def compose(self, evidence: "Evidence") -> "Report":
+    def compose(self, evidence: "Evidence", measurements: dict | None = None) -> "Report":
         raise BackendError(f"backend {self.name!r} generates text; use interpret() to build a report")
 
     def close(self) -> None:  # noqa: B027 - a no-op default; backends holding resources override it

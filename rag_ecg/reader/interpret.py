@@ -1,6 +1,9 @@
 """`interpret`: evidence + image -> grounded Report, through any backend; `report_command` for the CLI.
 
     report = interpret(image, evidence, get_backend("retrieval"))   # prompt -> generate -> parse -> retry -> cite-check
+
+`measurements` (the tracing's own, `rag_ecg.reader.tracing`) go into the prompt as measured facts and onto the report
+in their own fields, whichever backend reads.
 """
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ from rag_ecg.reader.backends import get_backend
 from rag_ecg.reader.base import LLMBackend
 from rag_ecg.reader.parse import ParseError, parse_answer
 from rag_ecg.reader.prompts import build_messages, retry_messages
-from rag_ecg.reader.report import Report, RetrievalInfo, check_citations, unparsed_report
+from rag_ecg.reader.measured import measured_findings, prompt_block
+from rag_ecg.reader.report import Report, RetrievalInfo, check_citations, unparsed_report, with_measurements
 from rag_ecg.reader.report_render import render_report
+from rag_ecg.reader.tracing import query_measurements
 
 if TYPE_CHECKING:
     from rag_ecg.search.evidence import Evidence
@@ -32,16 +37,19 @@ def _load_image(image: Image.Image | str | Path | None) -> Image.Image | None:
 
 
 def interpret(image: Image.Image | str | Path | None, evidence: "Evidence", backend: LLMBackend,
-              retries: int = 1, cot: bool = True, max_cases: int | None = None) -> Report:
+              retries: int = 1, cot: bool = True, max_cases: int | None = None,
+              measurements: dict | None = None) -> Report:
     """The grounded report for one query image: a malformed answer is retried `retries` times with the
     parser's error, then kept as unparsed free text; citations to cases not retrieved are dropped.
-    `cot`/`max_cases` shorten the prompt for small context windows (see prompts.build_messages)."""
+    `cot`/`max_cases` shorten the prompt for small context windows (see prompts.build_messages);
+    `measurements` (Measurements.to_dict() + "sex") are the tracing's measured facts."""
     if backend.composes_reports:
-        report = backend.compose(evidence)
+        report = backend.compose(evidence, measurements)
     else:
         img = _load_image(image)
         images = [img] if img is not None else []
-        messages = build_messages(evidence, img, cot=cot, max_cases=max_cases)
+        measured = prompt_block(measurements, measured_findings(measurements))
+        messages = build_messages(evidence, img, cot=cot, max_cases=max_cases, measured=measured)
         answer = backend.generate(messages, images)
         for attempt in range(retries + 1):
             try:
@@ -53,6 +61,7 @@ def interpret(image: Image.Image | str | Path | None, evidence: "Evidence", back
                     break
                 messages = retry_messages(messages, answer, str(exc))
                 answer = backend.generate(messages, images)
+        report = with_measurements(report, measurements)
     report = replace(report, backend=backend.name, model=backend.model,
                      retrieval=RetrievalInfo.from_evidence(evidence))
     return check_citations(report, evidence)
@@ -60,13 +69,17 @@ def interpret(image: Image.Image | str | Path | None, evidence: "Evidence", back
 
 def report_command(image_path: str | Path | None, evidence: "Evidence", backend: str = "retrieval",
                    fmt: str = "text", out: str | Path | None = None, retries: int = 1,
-                   backend_options: dict | None = None, cot: bool = True, max_cases: int | None = None) -> str:
-    """What `cli.py report` prints: interpret, render as text/json/html, optionally save atomically."""
+                   backend_options: dict | None = None, cot: bool = True, max_cases: int | None = None,
+                   measure_from: str | Path | None = None) -> str:
+    """What `cli.py report` prints: interpret, render as text/json/html, optionally save atomically.
+    `measure_from`: the picture or WFDB record whose tracing is measured for the report (None: not measured)."""
     if fmt not in ("text", "json", "html"):
         raise InputError(f"--format {fmt!r}: expected text, json or html")
     be = get_backend(backend, **(backend_options or {}))
     try:
-        report = interpret(image_path, evidence, be, retries=retries, cot=cot, max_cases=max_cases)
+        measurements = query_measurements(measure_from) if measure_from is not None else None
+        report = interpret(image_path, evidence, be, retries=retries, cot=cot, max_cases=max_cases,
+                           measurements=measurements)
     finally:
         be.close()
     kwargs = {"query_image": image_path} if fmt == "html" and image_path is not None else {}

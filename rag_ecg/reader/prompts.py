@@ -93,7 +93,8 @@ EVIDENCE_PREAMBLE = (
 
 def reader_prompt() -> ChatPromptTemplate:
     """System + human template; evidence and instruction are variables so their braces are never parsed."""
-    return ChatPromptTemplate.from_messages([("system", "{system}"), ("human", "{evidence}\n\n{instruction}")])
+    return ChatPromptTemplate.from_messages([("system", "{system}"),
+                                             ("human", "{evidence}\n\n{measured}{instruction}")])
 
 
 # ---------------------------------------------------------------- quoting store text as data
@@ -167,8 +168,11 @@ def cot_instruction(cot: bool = True) -> str:
 
 
 def build_messages(evidence: "Evidence", image: "Image.Image | None" = None, cot: bool = True,
-                   max_cases: int | None = None) -> list[BaseMessage]:
+                   max_cases: int | None = None, measured: str = "") -> list[BaseMessage]:
     """System + one human message (image part first when an image is given) asking for CoT + JSON.
+
+    `measured`: the tracing's measurements as text (`measured.prompt_block`), put between the evidence and
+    the task, outside the quoted evidence: they are our own measurements of this ECG, not store text.
 
     `max_cases` shows only the most similar cases and `cot=False` asks for the JSON alone: both save
     context when the model's window is small (PULSE-7B: 4,096 tokens, ~2,400 of them for one ECG page).
@@ -176,6 +180,7 @@ def build_messages(evidence: "Evidence", image: "Image.Image | None" = None, cot
     if max_cases is not None:
         evidence = replace(evidence, neighbours=list(evidence.neighbours)[:max_cases])
     msgs = reader_prompt().format_messages(system=SYSTEM_PROMPT, evidence=format_evidence(evidence),
+                                           measured=f"{measured}\n\n" if measured else "",
                                            instruction=cot_instruction(cot))
     if image is not None:
         human = msgs[-1]

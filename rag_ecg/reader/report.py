@@ -4,7 +4,9 @@ Every statement a reader makes carries the ids of the retrieved cases that suppo
 can check the claim against the cases; `check_citations` drops any statement that cites a case the
 retrieval did not return (a hallucinated citation is worse than none). Measurements the reader could
 not make stay `None`: nothing is invented to fill the schema. `parse` reads a model's answer into a
-Report; `report_render` writes one as text, JSON or HTML.
+Report; `report_render` writes one as text, JSON or HTML. Measurements of the tracing itself (`measurements`,
+the `cli.py measure` JSON) and the findings that follow from them by rule (`measured_findings`) have their own
+fields, so a reader of the report always sees which claims were measured and which the neighbours voted.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
+
+from rag_ecg.reader.measured import FIELD_KEYS, MeasuredFinding, axis_text, measured_findings
 
 if TYPE_CHECKING:
     from rag_ecg.search.evidence import Evidence
@@ -117,6 +121,9 @@ class Report:
     parse_error: str | None = None
     dropped_citations: list[DroppedStatement] = field(default_factory=list)
     notice: str = NOTICE
+    measurements: dict | None = None  # Measurements.to_dict() (+ "sex"); all None + "error" when not measurable
+    measured_findings: list[MeasuredFinding] = field(default_factory=list)  # rule-based, urgent first
+    measured_fields: list[str] = field(default_factory=list)  # rate_bpm / axis / pr_ms ... filled from them
 
     @property
     def cited_case_ids(self) -> list[int]:
@@ -147,11 +154,34 @@ class Report:
             retrieval=RetrievalInfo(**{**ret, "cases": [CaseRef(**c) for c in ret.get("cases", [])]}),
             parsed=d.get("parsed", True), raw_text=d.get("raw_text"), parse_error=d.get("parse_error"),
             dropped_citations=[DroppedStatement(**x) for x in d.get("dropped_citations", [])],
-            notice=d.get("notice", NOTICE),
+            notice=d.get("notice", NOTICE), measurements=d.get("measurements"),
+            measured_findings=[MeasuredFinding(**x) for x in d.get("measured_findings") or []],
+            measured_fields=list(d.get("measured_fields") or []),
         )
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+
+def with_measurements(report: Report, measurements: dict | None, fill: bool = False) -> Report:
+    """The report with the tracing's measurements and their rule-based findings attached. `fill`: also set
+    rate, axis, intervals (and the rhythm, when none was stated) from them and name those in `measured_fields`
+    (the retrieval reader, which cannot estimate them otherwise); a value not measured stays None."""
+    if measurements is None:
+        return report
+    found = measured_findings(measurements)
+    if not fill or measurements.get("error"):
+        return replace(report, measurements=measurements, measured_findings=found)
+    m = measurements
+    filled = [f for f, k in FIELD_KEYS.items() if m.get(k) is not None]
+    iv = Intervals(pr_ms=m.get("pr_ms"), qrs_ms=m.get("qrs_ms"), qt_ms=m.get("qt_ms"), qtc_ms=m.get("qtc_bazett_ms"))
+    rhythm = report.rhythm
+    if rhythm is None and m.get("rr_irregular") is not None:
+        rr = "Irregularly irregular" if m["rr_irregular"] else "Regular"
+        rhythm = Statement(f"{rr} RR intervals (measured); the similar cases name no rhythm", [])
+        filled.append("rhythm")
+    return replace(report, rhythm=rhythm, rate_bpm=m.get("heart_rate_bpm"), axis=axis_text(m.get("qrs_axis_deg")),
+                   intervals=iv, measurements=m, measured_findings=found, measured_fields=filled)
 
 
 def unparsed_report(raw_text: str, error: str) -> Report:

@@ -1,6 +1,8 @@
 """A report for people: plain text for a terminal or chart note, a self-contained HTML page, or a file.
 
-HTML pages carry their images inside them (base64 PNG thumbnails) and escape every text, so a page can be
+Measurements of the tracing and the findings that follow from them by rule are shown apart from the
+neighbours' votes and citations, each marked "measured"; an urgent one (ST elevation meeting the STEMI
+criteria) comes first, above everything else. HTML pages carry their images inside them (base64 PNG thumbnails) and escape every text, so a page can be
 mailed or archived on its own and no store text can inject markup.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from PIL import Image
 from rag_ecg.data.images import load_image, to_rgb
 from rag_ecg.errors import InputError
 from rag_ecg.io import atomic_write
+from rag_ecg.reader.measured import FIELD_KEYS, not_measurable, summary_line
 from rag_ecg.reader.report import Diagnosis, Report
 
 
@@ -26,6 +29,22 @@ def _fmt_num(v: float | None, unit: str) -> str:
     return "not estimated" if v is None else f"{v:g} {unit}"
 
 
+def _field(r: Report, name: str, value: float | str | None, unit: str = "") -> str:
+    """A rate/axis/interval field: its value marked "(measured)" when it came from the measurements; when
+    the tracing was measured but this value could not be, why."""
+    if value is None:
+        return not_measurable(r.measurements, FIELD_KEYS[name]) if r.measurements else "not estimated"
+    text = f"{value:g} {unit}" if isinstance(value, (int, float)) else str(value)
+    return f"{text} (measured)" if name in r.measured_fields else text
+
+
+def _intervals(r: Report) -> str:
+    iv = r.intervals
+    return (f"PR {_field(r, 'pr_ms', iv.pr_ms, 'ms')}; QRS {_field(r, 'qrs_ms', iv.qrs_ms, 'ms')}; "
+            f"QT {_field(r, 'qt_ms', iv.qt_ms, 'ms')}; "
+            f"QTc {_field(r, 'qtc_ms', iv.qtc_ms, 'ms (Bazett)' if 'qtc_ms' in r.measured_fields else 'ms')}")
+
+
 def _diag_name(d: Diagnosis) -> str:
     tag = " / ".join(x for x in (d.superclass, d.code) if x)
     return f"{d.label} ({tag})" if tag and tag != d.label else d.label
@@ -35,17 +54,21 @@ def render_text(r: Report) -> str:
     """Plain text for a terminal or a chart note."""
     out = [f"ECG interpretation — backend {r.backend or '?'}, model {r.model or '-'}",
            r.notice.upper(), ""]
+    out += [f"*** {f.text} ***" for f in r.measured_findings if f.urgent]  # first: urgent, whatever the reader said
     if not r.parsed:
         out += [f"The reader's answer could not be parsed ({r.parse_error}). Raw answer:", "",
                 r.raw_text or "", ""]
     else:
         out.append(f"Rhythm: {r.rhythm.text + _cites(r.rhythm.cited) if r.rhythm else 'not determined'}")
-        out.append(f"Rate: {_fmt_num(r.rate_bpm, 'bpm')}")
-        out.append(f"Axis: {r.axis or 'not estimated'}")
-        iv = r.intervals
-        out.append(f"Intervals: PR {_fmt_num(iv.pr_ms, 'ms')}; QRS {_fmt_num(iv.qrs_ms, 'ms')}; "
-                   f"QT {_fmt_num(iv.qt_ms, 'ms')}; QTc {_fmt_num(iv.qtc_ms, 'ms')}")
-        out.append("Findings:" + ("" if r.findings else " none stated"))
+        out.append(f"Rate: {_field(r, 'rate_bpm', r.rate_bpm, 'bpm')}")
+        out.append(f"Axis: {_field(r, 'axis', r.axis)}")
+        out.append(f"Intervals: {_intervals(r)}")
+        if r.measurements is not None:
+            out.append(f"Measured from the tracing (not the similar cases' votes): {summary_line(r.measurements)}")
+            out.append("Measured findings (rule-based):" + ("" if r.measured_findings else " none"))
+            out += [f"  - {f.text}" for f in r.measured_findings]
+        out.append(("Findings (similar cases):" if r.measurements is not None else "Findings:")
+                   + ("" if r.findings else " none stated"))
         out += [f"  - {f.text}{_cites(f.cited)}" for f in r.findings]
         out.append("Diagnoses:" + ("" if r.diagnoses else " none above threshold"))
         out += [f"  - {_diag_name(d)}: confidence {d.confidence:.2f}{_cites(d.cited)}" for d in r.diagnoses]
@@ -84,7 +107,8 @@ _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em au
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 .cases{display:flex;flex-wrap:wrap;gap:1em}.cases figure{margin:0;max-width:260px}
 img{max-width:100%;border:1px solid #ccc}pre{white-space:pre-wrap;background:#f6f6f6;padding:1em}
-.missing{color:#a00}"""
+.missing{color:#a00}.urgent{background:#b42318;color:#fff;padding:.5em 1em;font-weight:700}
+.measured{border-left:4px solid #3e7cb1;padding-left:1em}"""
 
 
 def render_html(report: Report, query_image=None, case_images: dict[int, str | Path] | None = None) -> str:
@@ -97,18 +121,24 @@ def render_html(report: Report, query_image=None, case_images: dict[int, str | P
 
     body = [f'<h1>ECG interpretation</h1><p class="notice">{e(r.notice)}</p>',
             f"<p>Backend <b>{e(r.backend or '?')}</b>, model <b>{e(r.model or '-')}</b></p>"]
+    body += [f'<p class="urgent">{e(f.text)}</p>' for f in r.measured_findings if f.urgent]
     if query_image is not None:
         body.append(f"<h2>Query ECG</h2>{_img_tag(query_image, 'query ECG', 900)}")
     if not r.parsed:
         body.append(f"<h2>Unparsed answer</h2><p>{e(r.parse_error or '')}</p><pre>{e(r.raw_text or '')}</pre>")
     else:
-        iv = r.intervals
         rows = [("Rhythm", (e(r.rhythm.text) + cites(r.rhythm.cited)) if r.rhythm else "not determined"),
-                ("Rate", e(_fmt_num(r.rate_bpm, "bpm"))), ("Axis", e(r.axis or "not estimated")),
-                ("Intervals", e(f"PR {_fmt_num(iv.pr_ms, 'ms')}; QRS {_fmt_num(iv.qrs_ms, 'ms')}; "
-                                f"QT {_fmt_num(iv.qt_ms, 'ms')}; QTc {_fmt_num(iv.qtc_ms, 'ms')}"))]
+                ("Rate", e(_field(r, "rate_bpm", r.rate_bpm, "bpm"))), ("Axis", e(_field(r, "axis", r.axis))),
+                ("Intervals", e(_intervals(r)))]
         body.append("<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>")
-        body.append("<h2>Findings</h2><ul>" + "".join(f"<li>{e(f.text)}{cites(f.cited)}</li>" for f in r.findings)
+        if r.measurements is not None:
+            body.append('<section class="measured"><h2>Measured from the tracing</h2><p>'
+                        + e(summary_line(r.measurements)) + "</p><p>Rule-based findings (measured, not voted):</p>"
+                        "<ul>" + "".join(f'<li class="{"urgent" if f.urgent else "finding"}" data-code="{e(f.code)}">'
+                                         f"{e(f.text)}</li>" for f in r.measured_findings)
+                        + "</ul>" + ("" if r.measured_findings else "<p>none</p>") + "</section>")
+        heading = "Findings (similar cases)" if r.measurements is not None else "Findings"
+        body.append(f"<h2>{heading}</h2><ul>" + "".join(f"<li>{e(f.text)}{cites(f.cited)}</li>" for f in r.findings)
                     + "</ul>" + ("" if r.findings else "<p>none stated</p>"))
         body.append("<h2>Diagnoses</h2><table><tr><th>Diagnosis</th><th>Confidence</th><th>Cited</th></tr>"
                     + "".join(f"<tr><td>{e(_diag_name(d))}</td><td>{d.confidence:.2f}</td>"

@@ -2,8 +2,10 @@
 
 Diagnoses are the labels whose calibrated vote reaches the threshold (abstaining below it), each citing
 the neighbours that carry the label; the rhythm is the best-voted rhythm code; the impression quotes the
-most similar cases' reports. Rate, axis and intervals are left unset: retrieval cannot measure them and
-the report never invents them. Runs anywhere: no model, no GPU, no network.
+most similar cases' reports. Rate, rhythm regularity, axis and intervals come from the tracing's own
+measurements when the caller gives them (`rag_ecg.measure`), with the rule-based findings that follow from
+them, marked as measured; without measurements, or where one failed, they stay unset: retrieval cannot
+measure them and the report never invents them. Runs anywhere: no model, no GPU, no network.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from rag_ecg.data.labels import FORM_CODES, RHYTHM_CODES, SUPERCLASS_NAMES, SUPERCLASSES, ScpStatement
 from rag_ecg.errors import BackendError, InputError
 from rag_ecg.reader.base import LLMBackend
-from rag_ecg.reader.report import Diagnosis, Report, RetrievalInfo, Statement
+from rag_ecg.reader.report import Diagnosis, Report, RetrievalInfo, Statement, with_measurements
 from rag_ecg.search.evidence import ranked
 
 if TYPE_CHECKING:
@@ -65,7 +67,9 @@ class RetrievalBackend(LLMBackend):
                 votes[lab] = votes.get(lab, 0.0) + w / total
         return votes
 
-    def compose(self, evidence: "Evidence") -> Report:
+    def compose(self, evidence: "Evidence", measurements: dict | None = None) -> Report:
+        """The report from the neighbours' votes; `measurements` (Measurements.to_dict() + "sex") fill rate,
+        axis, intervals and the measured findings."""
         ns = ranked(evidence.neighbours)  # citations in one order: by rounded similarity, then case id
         sup = dict(evidence.superclass_scores) or self._fallback_votes(ns, lambda n: n.labels)
         codes = dict(evidence.code_scores) or self._fallback_votes(ns, lambda n: n.codes.keys())
@@ -123,9 +127,10 @@ class RetrievalBackend(LLMBackend):
             findings.append(Statement(f"No diagnostic label reached the vote threshold; the similar cases "
                                       f"disagree ({spread}). Abstaining.", []))
 
-        return Report(rhythm=rhythm, findings=findings, diagnoses=diagnoses,
-                      impression=self._impression(ns, diagnoses), backend=self.name, model=self.model,
-                      retrieval=RetrievalInfo.from_evidence(evidence), parsed=True)
+        report = Report(rhythm=rhythm, findings=findings, diagnoses=diagnoses,
+                        impression=self._impression(ns, diagnoses), backend=self.name, model=self.model,
+                        retrieval=RetrievalInfo.from_evidence(evidence), parsed=True)
+        return with_measurements(report, measurements, fill=True)
 
     def _impression(self, ns: list["Neighbour"], diagnoses: list[Diagnosis]) -> Statement | None:
         if not ns:

@@ -21,7 +21,7 @@ EAGER_ROWS = 60  # rows whose pictures load at once; later rows load lazily as t
 
 COLUMNS = (  # (key, header, sort type)
     ("id", "#", "num"), ("chart", "Chart", "text"), ("status", "Status", "text"),
-    ("top", "Top diagnosis", "text"), ("confidence", "Confidence", "num"), ("diagnoses", "Diagnoses", "text"),
+    ("measured", "Measured (rate, axis, intervals)", "num"), ("top", "Top diagnosis", "text"), ("confidence", "Confidence", "num"), ("diagnoses", "Diagnoses", "text"),
     ("report", "Report", "text"), ("neighbours", "Similar cases", "num"), ("time", "Time (s)", "num"),
 )
 
@@ -49,7 +49,9 @@ max-width:520px}.nb figure{margin:0;width:98px}.nb img{width:98px;border:1px sol
 .nb figcaption{font-size:11px;color:var(--muted)}.nothumb{width:98px;height:70px;border:1px dashed var(--line);
 color:var(--muted);font-size:11px;display:flex;align-items:center;justify-content:center}
 td.chart .nothumb{width:240px;height:48px}ul.dx{margin:0;padding-left:16px}details summary{cursor:pointer}
-.report{min-width:260px;max-width:420px}
+.report{min-width:260px;max-width:420px}.measured{min-width:190px;max-width:260px;font-size:13px}
+.urgent{background:var(--error);color:#fff;font-weight:700;border-radius:4px;padding:2px 6px;display:inline-block;
+margin-bottom:4px}.card.urgent{display:block;border-color:var(--error);font-size:15px}.mx{color:var(--muted)}
 """
 
 JS = """
@@ -150,6 +152,33 @@ def _img(src: str | None, alt: str, lazy: bool) -> str:
     return f'<img src="{_e(src)}" alt="{_e(alt)}"{" loading=lazy" if lazy else ""}>'
 
 
+def _num(v, unit: str) -> str:
+    return "not measurable" if v is None else f"{v:g} {unit}"
+
+
+def _measured_html(row: dict) -> str:
+    """The chart's measurements and rule-based findings (marked measured), an urgent STEMI flag on top."""
+    if row.get("measure_error"):
+        return f'<div class="mx">not measurable: {_e(row["measure_error"])}</div>'
+    if row.get("heart_rate_bpm") is None and row.get("qrs_axis_deg") is None and row.get("qrs_ms") is None:
+        return '<div class="mx">not measured</div>'
+    parts = []
+    if row.get("stemi_urgent"):
+        parts.append(f'<div class="urgent" data-urgent="stemi">URGENT: STEMI criteria met in '
+                     f'{_e(", ".join(row.get("stemi_criteria") or []))}</div>')
+    ax = row.get("qrs_axis_deg")
+    rr = row.get("rr_irregular")
+    parts.append(f'<div>Rate {_e(_num(row.get("heart_rate_bpm"), "bpm"))}'
+                 f'{"" if rr is None else (", irregular" if rr else ", regular")}; axis '
+                 f'{_e("not measurable" if ax is None else f"{ax:+g}°")}</div>'
+                 f'<div>PR {_e(_num(row.get("pr_ms"), "ms"))} · QRS {_e(_num(row.get("qrs_ms"), "ms"))}</div>'
+                 f'<div>QT {_e(_num(row.get("qt_ms"), "ms"))} · QTc {_e(_num(row.get("qtc_bazett_ms"), "ms"))}</div>')
+    found = [f for f in row.get("measured_findings") or [] if f]
+    if found:
+        parts.append('<ul class="dx">' + "".join(f"<li>{_e(f)}</li>" for f in found) + "</ul>")
+    return "".join(parts)
+
+
 def _row_html(row: dict, lazy: bool) -> str:
     status = row["status"]
     diags = row.get("diagnoses") or []
@@ -189,6 +218,7 @@ def _row_html(row: dict, lazy: bool) -> str:
         f'<td class="chart" data-sort="{_e(row["chart"])}">{_img(row.get("thumb"), row["chart"], lazy)}'
         f'<div class="key">{_e(row["chart"])}</div></td>'
         f'<td data-sort="{_e(status)}"><span class="badge {_e(status)}">{_e(status)}</span></td>'
+        f'<td class="measured" data-sort="{_fmt(row.get("heart_rate_bpm"), 0)}">{_measured_html(row)}</td>'
         f'<td>{_e(row.get("top_diagnosis") or "")}</td>'
         f'<td data-sort="{_fmt(row.get("top_confidence"), 4)}">{_fmt(row.get("top_confidence"))}</td>'
         f'<td data-sort="{len(diags)}"><ul class="dx">{dx}</ul></td>'
@@ -204,7 +234,8 @@ def _cites(ids) -> str:
 
 def render_page(job: dict, summary: dict, rows: Sequence[dict], title: str = "rag-ecg chart review") -> str:
     """The whole page. `job`: id, key, input, status, settings; `summary`: by_status, by_superclass,
-    confidence (list of floats), total; `rows`: outputs rows with `thumb` / neighbours' `thumb` set."""
+    confidence (list of floats), total, urgent (charts meeting the STEMI criteria); `rows`: outputs rows with
+    `thumb` / neighbours' `thumb` set."""
     settings = job.get("settings") or {}
     rv, idx = settings.get("review") or {}, settings.get("index") or {}
     by_status = summary.get("by_status") or {}
@@ -216,12 +247,16 @@ def render_page(job: dict, summary: dict, rows: Sequence[dict], title: str = "ra
             f"({_e(idx.get('count'))} cases) · status {_e(job.get('status'))}")
     head = "".join(f'<th data-key="{k}" data-type="{t}">{_e(h)}</th>' for k, h, t in COLUMNS)
     body = "".join(_row_html(r, lazy=i >= EAGER_ROWS) for i, r in enumerate(rows))
+    urgent = list(summary.get("urgent") or [])
+    alarm = (f"<div class='card urgent' id='urgent'>URGENT: {len(urgent)} chart(s) with ST elevation meeting the "
+             f"STEMI criteria (measured): {_e(', '.join(urgent[:20]))}{' …' if len(urgent) > 20 else ''}</div>"
+             if urgent else "")
     data = json.dumps({"total": total, "by_status": by_status}, sort_keys=True).replace("</", "<\\/")
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
-        f"<h1>{_e(title)}</h1><div class='meta'>{meta}</div>"
+        f"<h1>{_e(title)}</h1><div class='meta'>{meta}</div>{alarm}"
         "<section class='summary'>"
         f"<div class='card'><h2>Charts by status</h2>{status_svg(by_status)}</div>"
         f"<div class='card'><h2>Charts by superclass</h2>"

@@ -129,14 +129,15 @@ def pending_batches(store: Store, job_id: int, batch_size: int) -> Iterator[list
 
 
 def case_meta(store: Store, keys: Sequence[str]) -> dict[str, dict]:
-    """Store charts' case metadata (source, external id, patient) by chart key."""
+    """Store charts' case metadata (source, external id, patient; age and sex for the measurements) by chart key."""
     ids = [int(k[5:]) for k in keys if k.startswith("case:") and k[5:].isdigit()]
     if not ids:
         return {}
     with store.session() as s:
-        rows = s.execute(select(Case.id, Case.source, Case.external_id, Case.patient_id)
+        rows = s.execute(select(Case.id, Case.source, Case.external_id, Case.patient_id, Case.age, Case.sex)
                          .where(Case.id.in_(ids))).all()
-    return {f"case:{cid}": {"source": src, "external_id": ext, "patient_id": pat} for cid, src, ext, pat in rows}
+    return {f"case:{cid}": {"source": src, "external_id": ext, "patient_id": pat, "age": age, "sex": sex}
+            for cid, src, ext, pat, age, sex in rows}
 
 
 def start_attempts(store: Store, batch: Sequence[tuple], max_attempts: int,

@@ -1,4 +1,9 @@
-"""Chart loading: open or draw each chart, letterbox it for the encoder, make its thumbnail, in worker processes.
+"""Chart loading: open or draw each chart, prepare it for the encoder, measure its tracing, make its thumbnail,
+in worker processes.
+
+Measurements: a picture is read by the digitiser once, and that read serves the not-an-ECG check, the trace
+encoder's input and the measurements; a WFDB record or store case is measured from its own signal (the drawn
+page is only for the encoder). A failed measurement is that chart's `measurements["error"]`, never its error.
 
 Why processes: decoding and drawing pages is CPU work that would otherwise stall the encoder; a bad or
 crashing chart must never stop the batch, so every failure becomes that chart's one-line error.
@@ -24,9 +29,11 @@ import numpy as np
 from PIL import Image
 
 from rag_ecg.data.images import load_image, split_page
-from rag_ecg.data.records import read_wfdb
+from rag_ecg.data.records import ECGRecord, read_wfdb
 from rag_ecg.data.store import Case, load_case_record
+from rag_ecg.paper.digitize import digitize
 from rag_ecg.paper.render import render_page
+from rag_ecg.reader.tracing import page_measurements, quietly, record_measurements, signal_measurements
 from rag_ecg.review.config import ReviewError
 
 
@@ -57,6 +64,7 @@ class Loaded:
     image: Any = None  # PIL page for text backends (longest side <= image_max_side), else None
     patient_id: str | None = None  # query's own patient (store charts): excluded from its neighbours
     error: str | None = None  # one line naming the chart and the problem
+    measurements: dict | None = None  # the tracing's (reader.tracing): all None + "error" when not measurable
     load_s: float = 0.0
     open_s: float | None = None  # seconds to decode/draw the page; None: it never opened (a bad file)
 
@@ -77,17 +85,41 @@ def open_chart(kind: str, path: str, meta: dict, preset: str = "clean", dpi: int
     if kind == "image":
         file, page = split_page(path)
         return load_image(file, page=page)
+    return draw_record(chart_record(kind, path, meta, key), preset, dpi, key or path)
+
+
+def chart_record(kind: str, path: str, meta: dict, key: str | None = None) -> ECGRecord:
+    """The signal of a WFDB or store chart (a store case with its age and sex from the store)."""
     if kind == "wfdb":
-        rec = read_wfdb(path, record_id=key or Path(path).name)
-    elif kind == "case":
+        return read_wfdb(path, record_id=key or Path(path).name)
+    if kind == "case":
         case = Case(source=meta.get("source") or "wfdb", external_id=meta.get("external_id") or "",
-                    signal_path=path, patient_id=meta.get("patient_id"))
-        rec = load_case_record(case)
-    else:
-        raise ValueError(f"{path}: unknown chart kind {kind!r}")
+                    signal_path=path, patient_id=meta.get("patient_id"), age=meta.get("age"), sex=meta.get("sex"))
+        return load_case_record(case)
+    raise ValueError(f"{path}: unknown chart kind {kind!r}")
+
+
+def draw_record(rec: ECGRecord, preset: str, dpi: int, key: str) -> Image.Image:
+    """The record's page as the encoder sees it (a WFDB or store chart has no picture of its own)."""
     # A seed per chart: a clean page is the same either way, but artifact presets should differ chart to chart.
-    seed = int(hashlib.sha256((key or path).encode()).hexdigest()[:8], 16) if preset != "clean" else 0
+    seed = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) if preset != "clean" else 0
     return render_page(rec, preset=preset, seed=seed, dpi=dpi)
+
+
+def _prepare(task: LoadTask, page: Image.Image, rec: ECGRecord | None) -> tuple[Any, dict]:
+    """(encoder input, measurements) of an opened chart; raises where a picture is no ECG."""
+    if rec is None:  # a picture
+        arr = np.ascontiguousarray(np.asarray(page.convert("RGB")))
+        read = digitize(arr)  # the not-an-ECG check either encoder makes; measured from the same read
+        if getattr(task.preprocess, "kind", "") == "trace":
+            pixels = task.preprocess.stack(read.signal, read.mask)
+        else:
+            pixels = task.preprocess.pixels(page, strict=False)
+        return pixels, quietly(task.key, lambda: page_measurements(arr, read, task.key))
+    pixels = task.preprocess.pixels(page)
+    if task.kind == "wfdb":  # sex and age from the header's comments, where it has them
+        return pixels, quietly(task.key, lambda: record_measurements(task.path, task.key))
+    return pixels, quietly(task.key, lambda: signal_measurements(rec, task.key))
 
 
 def jpeg_bytes(image: Image.Image, width: int, quality: int = 80) -> bytes:
@@ -107,16 +139,18 @@ _in_loader_process = False
 
 
 def load_chart(task: LoadTask) -> Loaded:
-    """Worker: open one chart, letterbox it for the encoder, make its thumbnail (never raises)."""
+    """Worker: open one chart, prepare it for the encoder, measure it, make its thumbnail (never raises)."""
     if _in_loader_process and os.environ.get(KILL_ON_ENV) == task.key:
         os.kill(os.getpid(), signal.SIGKILL)
     t0 = time.perf_counter()
     out = Loaded(task.item_id, task.key, patient_id=task.meta.get("patient_id"))
     try:
-        page = open_chart(task.kind, task.path, task.meta, task.preset, task.dpi, task.key)
+        rec = None if task.kind == "image" else chart_record(task.kind, task.path, task.meta, task.key)
+        page = (open_chart(task.kind, task.path, task.meta, key=task.key) if rec is None
+                else draw_record(rec, task.preset, task.dpi, task.key or task.path))
         out.open_s = time.perf_counter() - t0
         out.thumb = jpeg_bytes(page, task.thumb_width)  # first: a refused picture is shown with its error
-        out.pixels = task.preprocess.pixels(page)
+        out.pixels, out.measurements = _prepare(task, page, rec)
         if task.image_max_side:
             img = page.copy()
             img.thumbnail((task.image_max_side, task.image_max_side), Image.Resampling.LANCZOS)

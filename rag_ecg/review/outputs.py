@@ -1,5 +1,9 @@
 """A job's outputs, regenerated from the store after every run: results.csv, results.jsonl, index.html + thumbs/,
 manifest.json (so they are complete after a resume, and written atomically so a reader never sees half a file).
+
+Each row carries the tracing's measurements (`MEASURE_COLUMNS`, null where not measured, `measure_error` says
+why) and the rule-based findings from them, apart from the neighbours' votes; `stemi_urgent` flags a chart
+whose ST elevation meets the STEMI criteria.
 """
 from __future__ import annotations
 
@@ -22,9 +26,12 @@ from rag_ecg.review.inputs import chart_kind
 from rag_ecg.review.jobs import case_meta, write_thumb
 from rag_ecg.review.loader import jpeg_bytes, open_chart
 
-CSV_COLUMNS = ("chart", "path", "status", "error", "top_diagnosis", "top_confidence", "diagnoses", "impression",
-               "cited_cases", "dropped_citations", "raw_answer", "neighbours", "attempts", "t_load_s", "t_embed_s",
-               "t_search_s", "t_report_s", "t_total_s")
+MEASURE_COLUMNS = ("heart_rate_bpm", "rr_irregular", "qrs_axis_deg", "pr_ms", "qrs_ms", "qt_ms", "qtc_bazett_ms",
+                   "qtc_fridericia_ms", "stemi_criteria")
+CSV_COLUMNS = ("chart", "path", "status", "error", "stemi_urgent", *MEASURE_COLUMNS, "measured_findings",
+               "measure_error", "top_diagnosis", "top_confidence", "diagnoses", "impression", "cited_cases",
+               "dropped_citations", "raw_answer", "neighbours", "attempts", "t_load_s", "t_embed_s", "t_search_s",
+               "t_report_s", "t_total_s")
 RAW_EXCERPT = 2000  # characters of an unparsed answer the CSV / page show (results.jsonl's report has it all)
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads a cell starting so as a formula
 
@@ -47,9 +54,13 @@ def item_row(item: ReviewItem) -> dict:
     timings = {k: float(v) for k, v in (item.timings or {}).items()}
     timings["total"] = round(sum(timings.get(s, 0.0) for s in STAGES), 6)
     top = diags[0] if diags else None
+    m = rep.get("measurements") or {}
+    found = list(rep.get("measured_findings") or [])
     return {
         "id": item.id, "chart": item.chart_key, "path": item.path, "status": item.status, "error": item.error,
-        "attempts": item.attempts, "diagnoses": diags,
+        "attempts": item.attempts, **{k: m.get(k) for k in MEASURE_COLUMNS}, "st_mv": m.get("st_mv"),
+        "stemi_urgent": bool(m.get("stemi_criteria")), "measured_findings": [f.get("text") for f in found],
+        "measure_error": m.get("error") if m else None, "diagnoses": diags,
         "top_diagnosis": _diag_name(top) if top else None, "top_confidence": top["confidence"] if top else None,
         "impression": impression, "rhythm": (rep.get("rhythm") or {}).get("text") if rep else None,
         "findings": [f.get("text") for f in rep.get("findings") or []], "cited_cases": list(cited),
@@ -73,6 +84,9 @@ def csv_row(row: dict) -> dict:
     t = row["timings"]
     cells = {
         "chart": row["chart"], "path": row["path"], "status": row["status"], "error": row["error"] or "",
+        "stemi_urgent": "URGENT" if row["stemi_urgent"] else "",
+        **{k: _measure_cell(row[k]) for k in MEASURE_COLUMNS},
+        "measured_findings": "; ".join(row["measured_findings"]), "measure_error": row["measure_error"] or "",
         "top_diagnosis": row["top_diagnosis"] or "",
         "top_confidence": "" if row["top_confidence"] is None else f"{row['top_confidence']:.4f}",
         "diagnoses": "; ".join(f"{_diag_name(d)} {d['confidence']:.2f}" for d in row["diagnoses"]),
@@ -85,6 +99,15 @@ def csv_row(row: dict) -> dict:
         **{f"t_{s}_s": f"{t[s]:.4f}" if s in t else "" for s in STAGES}, "t_total_s": f"{t['total']:.4f}",
     }
     return {k: csv_cell(v) for k, v in cells.items()}
+
+
+def _measure_cell(v) -> str:
+    """A measurement as a CSV cell: empty when not measured, leads joined by spaces, booleans as true/false."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return " ".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
 def iter_rows(store: Store, job_id: int, page: int = 500) -> Iterator[dict]:
@@ -109,7 +132,8 @@ def write_outputs(store: Store, job_id: int, out_dir: Path, cfg: ReviewConfig,
         job_info = {"id": job.id, "key": job.key, "input": job.input, "status": job.status,
                     "settings": redact(job.settings or {}),  # also jobs recorded before secrets were masked
                     "created_at": job.created_at.isoformat() if job.created_at else None}
-    summary = {"by_status": dict.fromkeys(STATUSES, 0), "by_superclass": {}, "confidence": [], "total": 0}
+    summary = {"by_status": dict.fromkeys(STATUSES, 0), "by_superclass": {}, "confidence": [], "total": 0,
+               "urgent": []}
     shown: list[dict] = []
     csv_path, jsonl_path = out_dir / "results.csv", out_dir / "results.jsonl"
     # both files replace their old versions only once both are complete (an error removes both temp files)
@@ -121,6 +145,8 @@ def write_outputs(store: Store, job_id: int, out_dir: Path, cfg: ReviewConfig,
             fj.write(json.dumps({k: v for k, v in row.items() if k != "id"}, default=str) + "\n")
             summary["total"] += 1
             summary["by_status"][row["status"]] = summary["by_status"].get(row["status"], 0) + 1
+            if row["stemi_urgent"]:
+                summary["urgent"].append(row["chart"])
             if row["status"] == "done":
                 for sup in sorted({d["superclass"] for d in row["diagnoses"] if d["superclass"]}):
                     summary["by_superclass"][sup] = summary["by_superclass"].get(sup, 0) + 1

@@ -151,14 +151,15 @@ class ChartPipeline:
                 out.append(str(exc))
         return out, (time.perf_counter() - t0) / len(evs)
 
-    def report(self, items: Sequence[tuple[Any, Evidence]]) -> list[tuple[Any, float]]:
-        """(image | None, evidence) pairs -> (Report | BackendError | Exception, seconds) in input order."""
+    def report(self, items: Sequence[tuple[Any, Evidence, dict | None]]) -> list[tuple[Any, float]]:
+        """(image | None, evidence, measurements | None) -> (Report | BackendError | Exception, seconds) in
+        input order; the measurements go into the report (and a text backend's prompt)."""
         backend = self.backend
 
         def one(item):
             t0 = time.perf_counter()
             try:
-                rep = interpret(item[0], item[1], backend)
+                rep = interpret(item[0], item[1], backend, measurements=item[2])
             except Exception as exc:  # BackendError: retried next run; anything else: that chart's error
                 rep = exc
             return rep, time.perf_counter() - t0
@@ -186,7 +187,8 @@ class ChartPipeline:
                 results[l.item_id].error = f"{l.key}: {ev}"
             else:
                 to_report.append((l, ev))
-        for (l, ev), (rep, dt) in zip(to_report, self.report([(l.image, ev) for l, ev in to_report])):
+        outcomes = self.report([(l.image, ev, l.measurements) for l, ev in to_report])
+        for (l, ev), (rep, dt) in zip(to_report, outcomes):
             finish_result(results[l.item_id], l.key, ev, rep, dt)
         return [results[l.item_id] for l in loaded]
 

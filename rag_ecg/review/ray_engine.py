@@ -67,6 +67,11 @@ def _unpng(data: bytes):
     return decode_image(data, "page")
 
 
+def _measured(cell) -> dict | None:
+    """A chart's measurements as the load stage sent them (JSON text; empty: none)."""
+    return json.loads(str(cell)) if cell else None
+
+
 class LoadEmbed:
     """Actor: load/render each chart of a batch, embed the good ones in one forward pass."""
 
@@ -95,6 +100,8 @@ class LoadEmbed:
             "patient": np.array([x.patient_id or "" for x in loaded], dtype=object),
             "thumb": np.array([x.thumb or b"" for x in loaded], dtype=object),
             "image": np.array([_png(x.image) for x in loaded], dtype=object),
+            "measured": np.array([json.dumps(x.measurements) if x.measurements is not None else ""
+                                  for x in loaded], dtype=object),
             "t_load": np.array([x.load_s for x in loaded], np.float64),
             "t_open": np.array([np.nan if x.open_s is None else x.open_s for x in loaded], np.float64),
             "t_embed": np.array([t_embed if x.error is None else 0.0 for x in loaded], np.float64),
@@ -137,7 +144,8 @@ class Report:
         n_rows = len(batch["item_id"])
         todo = [n for n in range(n_rows) if batch["evidence"][n]]
         evs: list[Evidence] = [Evidence.from_dict(json.loads(batch["evidence"][n])) for n in todo]
-        outcomes = self.pipeline.report([(_unpng(batch["image"][n]), ev) for n, ev in zip(todo, evs)])
+        outcomes = self.pipeline.report([(_unpng(batch["image"][n]), ev, _measured(batch["measured"][n]))
+                                         for n, ev in zip(todo, evs)])
         status = np.array(["error"] * n_rows, dtype=object)
         error = np.array(list(batch["error"]), dtype=object)
         report = np.array([""] * n_rows, dtype=object)
@@ -148,7 +156,7 @@ class Report:
             status[n], error[n], t[n] = res.status, res.error or "", dt
             report[n] = json.dumps(res.report) if res.report is not None else ""
             neighbours[n] = json.dumps(res.neighbours)
-        out = {k: v for k, v in batch.items() if k not in ("image", "evidence")}
+        out = {k: v for k, v in batch.items() if k not in ("image", "evidence", "measured")}
         out.update(status=status, error=error, report=report, neighbours=neighbours, t_report=t)
         return out
 
