@@ -7,7 +7,8 @@ the encoder reads those. Every step uses what all printed ECGs share, never the 
 
 1. ink: darkness against the local paper level, on the *brightest* channel, so coloured grid lines
    (red, pink, green, blue) vanish and shading, glare and yellowed paper do not matter;
-2. deskew: the rotation that makes the ink's row profile sharpest (traces and grid are horizontal);
+2. geometry: a page photographed at a slant is flattened (`perspective`: its lines' vanishing points), then
+   deskewed: the rotation that makes the ink's row profile sharpest (traces and grid are horizontal);
 3. grey grid lines (black grid, photocopies) removed as long straight horizontal/vertical strokes;
 4. rows: heights where ink runs across most of the page; the largest evenly spaced set is the trace
    rows (header text, stamps and labels are not evenly spaced and do not run across the page); 3 rows
@@ -31,6 +32,7 @@ from rag_ecg.errors import InputError
 from rag_ecg.paper.ink import deskew_angle, ink_map, remove_grid_lines, rotate
 from rag_ecg.paper.layout import LEAD_ROWS
 from rag_ecg.paper.orientation import lines_across, row_skew
+from rag_ecg.paper.perspective import Rectification, estimate, rectify
 from rag_ecg.paper.rows import (
     DigitizeError,
     check_line_drawing,
@@ -78,6 +80,10 @@ class Digitized:
     # not printed: no detrend, no normalisation (what a millivolt read divides by px/mm x gain)
     pulses: tuple[int, int] = (0, 0)  # rows starting with a pulse standing up, rows ending in one hanging down
     method: str = "classical"  # what read the page: "classical" (the ink map) or "learned" (the segmenter's map)
+    homography: np.ndarray | None = None  # 3x3 perspective correction (paper/perspective.py): the resized, turned
+    # picture's px -> the working page's px before the deskew rotation; None: the page was read as it lies
+    resized_size: tuple[int, int] = (0, 0)  # (width, height) of the resized, turned picture (work_size if no
+    # correction)
 
     @property
     def upside_down(self) -> bool:
@@ -89,13 +95,28 @@ class Digitized:
         """Most rows start with a calibration pulse standing up and none ends in one hanging down."""
         return _most_rows(self.pulses[0], self.pulses[1], len(self.rows))
 
+    @property
+    def picture_scale(self) -> float:
+        """Working px per picture px at the working page's centre: `work_scale`, times the flattening's own zoom
+        there when the page was flattened (a picture's px/mm is the working page's over this)."""
+        if self.homography is None:
+            return self.work_scale
+        back = np.linalg.inv(self.homography)  # working px -> resized picture px
+        u, v, w = back @ np.array([self.work_size[0] / 2, self.work_size[1] / 2, 1.0])
+        jac = (back[:2, :2] * w - np.outer([u, v], back[2, :2])) / w ** 2
+        return self.work_scale / float(np.sqrt(abs(np.linalg.det(jac))))
+
     def picture_points(self, xy: np.ndarray) -> np.ndarray:
-        """(n, 2) working-frame (deskewed, turned, resized) x, y -> the same points on the picture as given."""
+        """(n, 2) working-frame (deskewed, flattened, turned, resized) x, y -> the same points on the picture as
+        given."""
         pts = np.asarray(xy, np.float64).reshape(-1, 2)
         w, h = self.work_size
         if abs(self.angle) > 0.05:  # undo the deskew rotation about the working page's centre
             inv = cv2.invertAffineTransform(cv2.getRotationMatrix2D((w / 2, h / 2), self.angle, 1.0))
             pts = pts @ inv[:, :2].T + inv[:, 2]
+        if self.homography is not None and len(pts):  # undo the perspective correction
+            pts = cv2.perspectiveTransform(pts[None], np.linalg.inv(self.homography))[0]
+            w, h = self.resized_size
         x, y = pts[:, 0] / self.work_scale, pts[:, 1] / self.work_scale
         tw, th = w / self.work_scale, h / self.work_scale  # the turned picture's size
         for _ in range(self.turns % 4):  # undo one counter-clockwise quarter turn: (x, y) -> (W - 1 - y, x)
@@ -107,49 +128,52 @@ class Digitized:
 # ---------------------------------------------------------------- public
 
 
-def digitize(page: np.ndarray, rhythm_lead: str = "II", method: str = "auto") -> Digitized:
+def digitize(page: np.ndarray, rhythm_lead: str = "II", method: str = "auto", flatten: bool = True) -> Digitized:
     """(H, W, 3) uint8 RGB page -> Digitized. Raises DigitizeError if no trace rows are found.
 
     Which way round (`orientation`): a page whose ink runs in columns rather than rows (`lines_across` < 0) lies
     on its side and is read both quarter turns first; so is a page refused as given. Of the quarter-turn reads,
     the one whose calibration pulses stand up at the rows' starts wins, then the one whose traces skew upward.
     A page whose rows end in pulses hanging down lies upside down (`rows.pulse_sides`): read again turned 180°.
-    An upright page costs one read."""
+    An upright page costs one read. A page photographed at a slant is flattened first (`perspective`; `flatten`
+    False: read as it lies)."""
     if method not in METHODS:
         raise InputError(f"digitize method {method!r} is not one of {', '.join(METHODS)}")
     if page.ndim != 3 or page.shape[2] != 3 or page.dtype != np.uint8:
         raise InputError(f"digitize expects an (H, W, 3) uint8 RGB page, got {page.dtype} {page.shape}")
     work, work_scale = _resize(page)
     sideways_first = lines_across(ink_map(work)) < 0
-    if sideways_first and (read := _on_its_side(page, rhythm_lead, method)) is not None:
+    if sideways_first and (read := _on_its_side(page, rhythm_lead, method, flatten)) is not None:
         return read
     try:
-        read = _read_either_contrast(work, work_scale, rhythm_lead, 0, method)
-        return _turned_over(page, read, rhythm_lead, method) if read.upside_down else read
+        read = _read_flattened(page, rhythm_lead, 0, method, flatten, (work, work_scale))
+        return _turned_over(page, read, rhythm_lead, method, flatten) if read.upside_down else read
     except DigitizeError as exc:
         upright_error = exc  # its reason names what was wrong with the page as given
-    read = None if sideways_first else _on_its_side(page, rhythm_lead, method)
+    read = None if sideways_first else _on_its_side(page, rhythm_lead, method, flatten)
     if read is None:
         raise upright_error
     return read
 
 
-def _on_its_side(page: np.ndarray, rhythm_lead: str, method: str) -> Digitized | None:
+def _on_its_side(page: np.ndarray, rhythm_lead: str, method: str, flatten: bool) -> Digitized | None:
     """The better of the page's reads turned 90° and 270°, or None: the one with more rows starting in a pulse
     standing up than ending in one hanging down (the two reads are the same page 180° apart), then upward skew."""
     reads = []
     for turns in (1, 3):
         try:
-            reads.append(_read_either_contrast(*_resize(_turn(page, turns)), rhythm_lead, turns, method))
+            reads.append(_read_flattened(_turn(page, turns), rhythm_lead, turns, method, flatten))
         except DigitizeError:
             continue
     return max(reads, key=lambda r: (r.pulses[0] - r.pulses[1], r.skew), default=None)
 
 
 def working_page(page: np.ndarray, read: Digitized) -> np.ndarray:
-    """The RGB page in `read`'s working frame (turned, resized, deskewed; white where the rotation uncovers
+    """The RGB page in `read`'s working frame (turned, resized, flattened, deskewed; white where the warps uncover
     nothing), so later steps (calibration, overlays) measure in the pixels `read`'s rows and boxes are in."""
     work, _ = _resize(_turn(page, read.turns))
+    if read.homography is not None:
+        work = rectify(work, Rectification(read.homography, read.work_size))
     if abs(read.angle) > 0.05:
         h, w = work.shape[:2]
         m = cv2.getRotationMatrix2D((w / 2, h / 2), read.angle, 1.0)
@@ -158,11 +182,11 @@ def working_page(page: np.ndarray, read: Digitized) -> np.ndarray:
     return work
 
 
-def _turned_over(page: np.ndarray, read: Digitized, rhythm_lead: str, method: str) -> Digitized:
+def _turned_over(page: np.ndarray, read: Digitized, rhythm_lead: str, method: str, flatten: bool) -> Digitized:
     """The read of a page lying upside down (`rows.pulse_sides`), turned 180°; the read as given if the turned
     page does not read, or its pulses do not then stand up at the rows' starts."""
     try:
-        turned = _read_either_contrast(*_resize(_turn(page, 2)), rhythm_lead, 2, method)
+        turned = _read_flattened(_turn(page, 2), rhythm_lead, 2, method, flatten)
     except DigitizeError:
         return read
     return turned if turned.pulses_stand_up else read
@@ -176,6 +200,25 @@ def _most_rows(count: int, against: int, rows: int) -> bool:
 def _turn(page: np.ndarray, turns: int) -> np.ndarray:
     """The page turned `turns` quarter turns counter-clockwise (contiguous, as OpenCV wants it)."""
     return np.ascontiguousarray(np.rot90(page, turns % 4)) if turns % 4 else page
+
+
+def _read_flattened(turned: np.ndarray, rhythm_lead: str, turns: int, method: str, flatten: bool = True,
+                    resized: tuple[np.ndarray, float] | None = None) -> Digitized:
+    """`_read_either_contrast` of a page turned `turns` quarter turns (`resized`: its `_resize`, if made), flattened
+    when it shows a perspective (`perspective.estimate`); read as it lies when it shows none (a scan, a rendering:
+    exactly as without the step), when the flattened page does not read, or without `flatten`."""
+    work, work_scale = resized or _resize(turned)
+    rect = estimate(work) if flatten else None
+    if rect is not None:
+        try:
+            read = _read_either_contrast(rectify(work, rect), work_scale, rhythm_lead, turns, method)
+            read.homography, read.resized_size = rect.matrix, (work.shape[1], work.shape[0])
+            return read
+        except DigitizeError:
+            pass
+    read = _read_either_contrast(work, work_scale, rhythm_lead, turns, method)
+    read.resized_size = read.work_size
+    return read
 
 
 def _read_either_contrast(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int,

@@ -1,8 +1,9 @@
 """What `digitize` leaves for one picture: the signal as WFDB (mV), a JSON account of the read, an overlay PNG.
 
 Why these three: WFDB is what every ECG tool reads (wfdb, PhysioNet, the project's own ingest); the JSON says
-how the numbers were made (layout, boxes, px/mm and where it came from, deskew, quarter turns), so a wrong read
-can be traced to its step; the overlay lets a person see at a glance whether the read traces sit on the ink.
+how the numbers were made (layout, boxes, px/mm and where it came from, deskew, quarter turns, perspective), so a
+wrong read can be traced to its step; the overlay lets a person see at a glance whether the read traces sit on the
+ink.
 
 Files are `<stem>.dat`, `<stem>.hea`, `<stem>.overlay.png`, then `<stem>.json` last: each is written atomically,
 and the JSON is the mark that a picture is done (a run killed half-way leaves no JSON, so it is redone).
@@ -105,7 +106,7 @@ def overlay(picture: np.ndarray, read: Digitized, cal: Calibration | None = None
             cv2.polylines(img, [np.rint(seg * 16).astype(np.int32)], False, color, thick, cv2.LINE_AA, shift=4)
         _label(img, lead, corners[0] + np.array([4.0, 4.0 + 22 * font]), font, color)
     if cal is not None:
-        _label(img, f"{read.layout}  {cal.px_per_mm / max(read.work_scale, 1e-9):.2f} px/mm ({cal.source})  "
+        _label(img, f"{read.layout}  {cal.px_per_mm / max(read.picture_scale, 1e-9):.2f} px/mm ({cal.source})  "
                     f"{cal.speed_mm_s:g} mm/s  {cal.gain_mm_mv:g} mm/mV", np.array([6.0, 6.0 + 22 * font]), font, color)
     return img
 
@@ -158,17 +159,31 @@ def describe(read: Digitized, cal: Calibration, quality: dict, picture_shape: tu
         "picture": str(source), "picture_size": [int(picture_shape[1]), int(picture_shape[0])],
         "layout": read.layout, "leads": leads,
         "paper_speed_mm_s": cal.speed_mm_s, "gain_mm_mv": cal.gain_mm_mv,
-        "px_per_mm": round(cal.px_per_mm / max(read.work_scale, 1e-9), 4),  # in the picture's own pixels
+        "px_per_mm": round(cal.px_per_mm / max(read.picture_scale, 1e-9), 4),  # the picture's own px (its middle)
         "px_per_mm_source": cal.source,
         "calibration": cal.to_json(),  # its px values are working-page px
         "geometry": {"quarter_turns_ccw": int(read.turns), "deskew_deg": round(float(read.angle), 3),
                      "work_scale": round(float(read.work_scale), 6), "work_size": list(read.work_size),
-                     "perspective": None},
+                     "perspective": perspective_json(read)},
         "quality": quality,
         "signal": {"fs": OUT_FS, "samples": int(mv.shape[0]), "units": "mV", "leads": list(STANDARD_LEADS),
                    "seconds_held": {ld: round(float(held[:, i].sum()) / OUT_FS, 3) for i, ld in enumerate(STANDARD_LEADS)}},
         "rag_ecg": __version__,
     }
+
+
+def perspective_json(read: Digitized) -> dict | None:
+    """The perspective correction a read applied (`paper/perspective.py`), None if it read the page as it lay:
+    `matrix`, the homography from the picture's px (turned `quarter_turns_ccw` times) to the working page's px
+    before the deskew; `corners_picture`, where the working page's corners (top-left, top-right, bottom-right,
+    bottom-left) lie on the picture as given: the quadrilateral that was read as a flat rectangle."""
+    if read.homography is None:
+        return None
+    m = read.homography @ np.diag([read.work_scale, read.work_scale, 1.0])
+    w, h = read.work_size
+    corners = read.picture_points(np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float64))
+    return {"matrix": [[float(f"{v:.8g}") for v in row] for row in m / m[2, 2]],
+            "corners_picture": [[round(float(v), 1) for v in c] for c in corners]}
 
 
 # ---------------------------------------------------------------- helpers

@@ -28,7 +28,9 @@ def ink_map(page: np.ndarray, core_pct: float = 99.7) -> np.ndarray:
     bright = cv2.GaussianBlur(cv2.max(cv2.max(r, g), b), (3, 3), 0)
     k = max(9, int(round(page.shape[1] / 100)) | 1)
     paper = cv2.morphologyEx(bright, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_RECT, (k, k)))
-    paper = cv2.blur(paper, (k, k))
+    # smoothed, but never brighter than the closing: at a shadow's edge the blur would lift the paper level over
+    # the dark side and turn a blotch's rim into a stroke (ECG-Image-Kit wrinkles+augment 4.2 -> 4.9 dB)
+    paper = cv2.min(cv2.blur(paper, (k, k)), paper)
     dark = cv2.divide(cv2.subtract(paper, bright), cv2.max(paper, 40), scale=255)  # uint8, saturating
     sample = dark[::2, ::2]
     core, texture = (float(v) for v in np.percentile(sample, [core_pct, 90.0]))

@@ -14,6 +14,7 @@ from rag_ecg.paper.ink import INK_ON
 
 MAX_INK_DENSITY = 0.15  # share of a page's trace area that may be ink (pen lines: ~2-6 %)
 ROW_COUNTS = (3, 4, 6, 12)  # trace rows of the layouts clinics print
+MAX_STRAY = 0.03  # share of a row (10 s) a trace may stay half a pitch off its baseline: 0.3 s (a QRS: 0.1 s)
 
 
 class DigitizeError(InputError):
@@ -123,7 +124,9 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int,
     came from to where it went). A run farther than a quarter pitch away is a label, a neighbour's
     spike or a stamp, not this trace: such columns, and empty ones, carry the previous point, as do runs
     crossing the whole band (a printed column rule: following it leads up into the next row or the header).
-    Continuity is the share of columns whose run touches the previous point (a pen line: ~1).
+    Continuity is the share of columns whose run touches the previous point (a pen line: ~1). A trace led off its
+    row (half a pitch away for longer than MAX_STRAY of the row: a shadow's rim, a stamp) goes back to a run on the
+    baseline, or to the baseline itself when there is no ink to follow out there.
     A column's height is its run's middle, except at a peak (the run's top above both neighbours' tops) or a
     trough, where it is that end less half a pen width: a thin pen's QRS turns inside one or two columns, and
     the middle of such a run halves the spike. `peaks` flags those columns, so resampling can keep them.
@@ -141,11 +144,12 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int,
     bounds = np.searchsorted(sc, np.arange(n_cols + 1)).tolist()
     starts, ends = sr.tolist(), (er - 1).tolist()
     jump = 0.25 * pitch
+    max_stray = int(MAX_STRAY * (x1 - x0))  # columns a trace may stay half a pitch off its baseline (~0.3 s)
     last = on.shape[1] - 1
     run_s, run_e = [0.0] * n_cols, [0.0] * n_cols
-    prev = float(base - top)
+    prev = zero = float(base - top)
     locked = False
-    touching = 0
+    touching = stray = 0
     for x in range(n_cols):
         best, best_d = -1, (jump if locked else float(on.shape[1]))
         for k in range(bounds[x], bounds[x + 1]):
@@ -155,6 +159,14 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int,
             d = s - prev if s > prev else (prev - e if e < prev else 0.0)
             if d <= best_d:
                 best, best_d = k, d
+        stray = stray + 1 if abs(prev - zero) > 0.5 * pitch else 0
+        if stray > max_stray:  # led off the row (a shadow's edge, a stamp): back to a run on the baseline
+            for k in range(bounds[x], bounds[x + 1]):
+                s, e = starts[k], ends[k]
+                d = s - zero if s > zero else (zero - e if e < zero else 0.0)
+                if d <= jump and not (s == 0 and e == last):
+                    best, best_d, stray = k, abs(prev - zero), 0  # a jump back: not a touching run
+                    break
         if best >= 0:
             touching += best_d <= 1.0
             locked = True
@@ -165,6 +177,8 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int,
             else:
                 prev = float(s) if abs(s - prev) > abs(e - prev) else float(e)
         else:
+            if stray > max_stray:  # nothing to follow out there: the baseline is the better guess
+                prev, stray = zero, 0
             run_s[x] = run_e[x] = prev
     top_y, bot_y = np.asarray(run_s, np.float32), np.asarray(run_e, np.float32)
     y, peaks = _column_heights(top_y, bot_y)

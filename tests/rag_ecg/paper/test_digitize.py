@@ -49,19 +49,22 @@ def test_photographed_page_keeps_most_of_the_signal(ptb):
     assert read == "3x4+II" and corr > 0.4, (read, corr)
 
 
-def test_auto_reads_with_the_segmenter_where_the_ink_map_loses_a_photo(ptb):
-    """A phone photo the classical ink map cannot follow (rows broken) is read by the shipped trace segmenter under
-    the default `auto`; the read says which map read it, and follows the recorded signal."""
+def test_the_segmenter_and_the_ink_map_both_read_a_shadowed_photo(ptb):
+    """A phone photo whose rows the ink map once lost at a shadow's rim (before `ink_map` kept the paper level off
+    blotch rims and `follow_trace` came back to the baseline) — the case `auto` falls back to the shipped segmenter
+    for. Both maps read it as it lies now, weakly, and say which map read it (no own photo/random page of this record,
+    160 seeds, is left that the ink map refuses); flattened first, as `digitize` does by default, it reads well."""
     image, result = render_page_and_layout(ptb, preset="photo", config=RenderConfig(dpi=100), seed=24)
-    with pytest.raises(DigitizeError):
-        digitize(np.asarray(image), method="classical")
-    read = digitize(np.asarray(image))
     cfg = result.config
     truth, tmask = canonicalize(ptb.signal_mv(), ptb.fs, cfg.layout, cfg.rhythm_lead, result.leads[0].t_start)
-    assert read.method == "learned" and read.layout == cfg.layout
-    assert _agree(read.signal, read.mask, truth, tmask) > 0.15  # measured 0.20: weak, but the signal, not noise
-    assert digitize(np.asarray(image), method="learned").layout == cfg.layout
-    assert digitize(np.asarray(render_page_and_layout(ptb, config=RenderConfig(dpi=100))[0])).method == "classical"
+    classical = digitize(np.asarray(image), method="classical", flatten=False)
+    learned = digitize(np.asarray(image), method="learned", flatten=False)
+    assert (classical.method, learned.method) == ("classical", "learned")
+    assert classical.layout == learned.layout == cfg.layout
+    assert _agree(classical.signal, classical.mask, truth, tmask) > 0.1  # measured 0.14: both weak as it lies
+    assert _agree(learned.signal, learned.mask, truth, tmask) > 0.15  # measured 0.20
+    flattened = digitize(np.asarray(image))  # the default: perspective removed first (test_perspective.py)
+    assert flattened.method == "classical" and _agree(flattened.signal, flattened.mask, truth, tmask) > 0.5
 
 
 def test_blank_and_non_ecg_pages_are_refused():

@@ -29,14 +29,16 @@ def _read(record, preset="clean", seed=0, **cfg):
     image, result = render_page_and_layout(record, preset=preset, config=RenderConfig(**cfg), seed=seed)
     page = np.asarray(image)
     read = digitize(page)
-    return read, working_page(page, read), _true_ppm(result, preset, seed, page.shape) * read.work_scale
+    return read, working_page(page, read), _true_ppm(result, preset, seed, page.shape, read)
 
 
-def _true_ppm(result, preset: str, seed: int, shape) -> float:
-    """px/mm of the page as the preset left it: a photo's perspective shrinks it, so dots drawn 20 mm apart on the
-    clean page are moved by the preset's own geometric steps and their median neighbour distance measured."""
+def _true_ppm(result, preset: str, seed: int, shape, read) -> float:
+    """px/mm of the page as the preset left it, in `read`'s working frame: a photo's perspective shrinks it, so dots
+    drawn 20 mm apart on the clean page are moved by the preset's own geometric steps, carried into the working
+    frame (resized, and flattened where the read corrected the perspective) and their median neighbour distance
+    measured."""
     if preset == "clean":
-        return result.px_per_mm
+        return result.px_per_mm * read.work_scale
     ppm = result.px_per_mm
     gx0, gy0, gx1, gy1 = result.grid_box
     mask = np.zeros(shape[:2], np.uint8)
@@ -48,7 +50,9 @@ def _true_ppm(result, preset: str, seed: int, shape) -> float:
     for name, strength, step_seed in preset_steps(preset, art_seed):
         mask = warp_mask_array(mask, name, strength, step_seed)
     n, _, _, centres = cv2.connectedComponentsWithStats((mask > 127).astype(np.uint8))
-    c = centres[1:]
+    c = centres[1:] * read.work_scale
+    if read.homography is not None:
+        c = cv2.perspectiveTransform(c[None], read.homography)[0]
     d = np.sqrt(((c[:, None, :] - c[None, :, :]) ** 2).sum(-1))
     np.fill_diagonal(d, np.inf)
     return float(np.median(d.min(axis=1))) / 20.0
