@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +35,7 @@ CSV_COLUMNS = ("chart", "path", "status", "error", "stemi_urgent", *MEASURE_COLU
                "t_report_s", "t_total_s")
 RAW_EXCERPT = 2000  # characters of an unparsed answer the CSV / page show (results.jsonl's report has it all)
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads a cell starting so as a formula
+_PLAIN_NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
 def item_row(item: ReviewItem) -> dict:
@@ -75,8 +77,11 @@ def _diag_name(d: dict) -> str:
 
 
 def csv_cell(value):
-    """A cell a spreadsheet shows as text: one starting like a formula (= + - @ tab CR) gets a leading '."""
-    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+    """A cell a spreadsheet shows as text: one starting like a formula (= + - @ tab CR) gets a leading ' — except a
+    plain number (an axis of -30°: a spreadsheet reads it as the number it is, no formula)."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
+    return value
 
 
 def csv_row(row: dict) -> dict:

@@ -14,6 +14,7 @@ import pytest
 
 from rag_ecg.errors import BackendError
 from rag_ecg.review.run import review
+from rag_ecg.review.outputs import csv_cell
 from tests.openai_server import OpenAITestServer
 from tests.rag_ecg.reader.test_report import GOOD_JSON, answer
 from tests.rag_ecg.review.conftest import GOOD, fresh_store, rows_of
@@ -130,3 +131,9 @@ def test_secrets_never_reach_the_outputs_and_csv_cells_cannot_be_formulas(review
     assert row["impression"] == "'" + formula["impression"]["text"]  # shown as text by a spreadsheet
     assert row["top_diagnosis"] == "'+cmd|' /C calc'!A0" and row["diagnoses"].startswith("'+cmd")
     assert rows_of(out)[a]["impression"] == formula["impression"]["text"]  # JSONL keeps the raw text
+
+
+def test_a_negative_number_stays_a_number_in_the_csv():
+    """A left axis of -30° is a number to the spreadsheet, not a formula: only formula-like text gets the quote."""
+    assert [csv_cell(v) for v in ("-30", "-2.5", "12", "-")] == ["-30", "-2.5", "12", "'-"]
+    assert [csv_cell(v) for v in ("-1+1", "-30 deg", "=1", "+7", "@x")] == ["'-1+1", "'-30 deg", "'=1", "'+7", "'@x"]
