@@ -116,7 +116,9 @@ def _prepare(task: LoadTask, page: Image.Image, rec: ECGRecord | None) -> tuple[
         else:
             pixels = task.preprocess.pixels(page, strict=False)
         return pixels, quietly(task.key, lambda: page_measurements(arr, read, task.key))
-    pixels = task.preprocess.pixels(page)
+    # a drawn record is an ECG by construction: an image tower need not digitise it to check (the trace tower
+    # reads it, and an unreadable drawing stays that chart's error)
+    pixels = task.preprocess.pixels(page, strict=getattr(task.preprocess, "kind", "") == "trace")
     if task.kind == "wfdb":  # sex and age from the header's comments, where it has them
         return pixels, quietly(task.key, lambda: record_measurements(task.path, task.key))
     return pixels, quietly(task.key, lambda: signal_measurements(rec, task.key))
