@@ -74,6 +74,22 @@ def _logging(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug 
 
 DbOpt = typer.Option(None, "--db", help="SQLAlchemy URL of the case store "
                      "(default: $RAG_ECG_DB or a SQLite file under ./data).")
+# the reader's options, the same on report, review and eval (docs/serving.md)
+BackendOpt = typer.Option(None, "--backend", help="retrieval | hf | vllm (default: --backend-config's, else retrieval)")
+BackendConfigOpt = typer.Option(None, "--backend-config", help="YAML: `backend:` and `options:` (VLLMConfig / "
+                                "HFConfig fields, cot, max_cases); flags given override it")
+MaxTokensOpt = typer.Option(None, "--max-tokens", help="hf/vllm: answer length cap (vllm: lowered to fit the window)")
+NoCotOpt = typer.Option(False, "--no-cot", help="JSON-only prompt, no step-by-step reasoning (small windows)")
+MaxCasesOpt = typer.Option(None, "--max-cases", help="show the LLM at most this many of the k cases")
+
+
+def _reader(config: Optional[Path], backend: Optional[str], max_tokens: Optional[int], no_cot: bool,
+            max_cases: Optional[int], **flags) -> tuple[str, dict]:
+    """(backend name, options) from --backend-config and the reader flags (a flag given wins)."""
+    from rag_ecg.reader.backends import backend_settings
+
+    return backend_settings(config, backend, max_tokens=max_tokens, cot=False if no_cot else None,
+                            max_cases=max_cases, **flags)
 
 
 def _store(db: Optional[str]):
@@ -281,11 +297,14 @@ def _query_evidence(query: Optional[Path], text: Optional[str], index: str, db: 
     from rag_ecg.data.records import read_wfdb
     from rag_ecg.paper.digitize import DigitizeError
     from rag_ecg.paper.render import render_page
-    from rag_ecg.search.retrieve import Retriever
+    from rag_ecg.search.retrieve import MANIFEST, Retriever
+    from rag_ecg.search.text_search import TextSearch
 
+    if text:  # words fused with the index's text tower over its library; the store's words alone without one
+        store, folder = _store(db), _index_dir(index)
+        tower = Retriever.open(folder, store) if (folder / MANIFEST).exists() else None
+        return TextSearch(store, tower).search(text, k, source=source), None
     retriever = Retriever.open(_index_dir(index), _store(db))
-    if text:
-        return retriever.search_texts([text], k, source=source)[0], None
     if query is None:
         raise InputError("give a QUERY (image, PDF or WFDB record) or --text")
     if query.suffix == ".hea" or query.with_suffix(".hea").exists() and not query.suffix:
@@ -317,7 +336,7 @@ def search(query: Optional[Path] = typer.Argument(None, help="image (PNG/JPEG/TI
         from rag_ecg.reader.report_render import render_html
 
         report = interpret(image, evidence, get_backend("retrieval"))
-        body = render_html(report, query_image=image,
+        body = render_html(report, query_image=image, neighbours=evidence.neighbours,
                            case_images={n.case_id: n.image_path for n in evidence.neighbours if n.image_path})
     else:
         table = Table(title=f"{len(evidence.neighbours)} nearest cases")
@@ -339,41 +358,78 @@ def search(query: Optional[Path] = typer.Argument(None, help="image (PNG/JPEG/TI
 
 @app.command()
 def report(query: Path = typer.Argument(..., help="ECG image (PNG/JPEG/TIFF/BMP/PDF) or WFDB record"),
-           backend: str = typer.Option("retrieval", help="retrieval | hf | vllm"),
+           backend: Optional[str] = BackendOpt, backend_config: Optional[Path] = BackendConfigOpt,
            index: str = typer.Option("default", help="index name or folder"), db: Optional[str] = DbOpt,
            k: int = 8, fmt: str = typer.Option("text", "--format", help="text | json | html"),
            out: Optional[Path] = None,
            base_url: Optional[str] = typer.Option(None, help="vllm: server URL, e.g. http://127.0.0.1:8000/v1"),
            model: Optional[str] = typer.Option(None, help="vllm: served model name"),
            model_path: Optional[str] = typer.Option(None, help="hf: local LLaVA-NeXT folder"),
-           no_cot: bool = typer.Option(False, help="short prompt (small context windows)"),
-           max_cases: Optional[int] = typer.Option(None, help="cases shown to the LLM")) -> None:
+           max_tokens: Optional[int] = MaxTokensOpt, no_cot: bool = NoCotOpt,
+           max_cases: Optional[int] = MaxCasesOpt) -> None:
     """A grounded report for one ECG image, citing the retrieved cases it relied on."""
     from rag_ecg.reader.interpret import report_command
 
+    name, opts = _reader(backend_config, backend, max_tokens, no_cot, max_cases, base_url=base_url, model=model,
+                         model_path=model_path)
     evidence, image = _query_evidence(query, None, index, db, k, None)
-    opts = {k_: v for k_, v in dict(base_url=base_url, model=model, model_path=model_path).items() if v}
-    text = report_command(query if image is None else image, evidence, backend=backend, fmt=fmt, out=out,
-                          backend_options=opts, cot=not no_cot, max_cases=max_cases, measure_from=query)
+    text = report_command(query if image is None else image, evidence, backend=name, fmt=fmt, out=out,
+                          backend_options=opts, measure_from=query)
     print(text) if out is None else console.print(f"written {out}")
 
 
 @app.command()
 def review(input: str = typer.Argument(..., help="folder, CSV with a path column, or store:source=ptbxl,fold=9"),
            out: Path = typer.Option(..., "--out", help="output folder (results.csv/jsonl, index.html)"),
-           backend: str = typer.Option("retrieval", help="retrieval | hf | vllm"),
+           backend: Optional[str] = BackendOpt, backend_config: Optional[Path] = BackendConfigOpt,
            index: str = typer.Option("default", help="index name or folder"),
            workers: int = 2, engine: str = typer.Option("local", help="local | ray"), k: int = 8,
            batch_size: int = 16, limit: Optional[int] = None, db: Optional[str] = DbOpt,
            base_url: Optional[str] = None, model: Optional[str] = None, model_path: Optional[str] = None,
+           max_tokens: Optional[int] = MaxTokensOpt, no_cot: bool = NoCotOpt, max_cases: Optional[int] = MaxCasesOpt,
            retry_errors: bool = False) -> None:
     """Batch chart review: resumable, one row per chart, with an HTML page to skim."""
     from rag_ecg.review.run import review as run_review
 
-    opts = {k_: v for k_, v in dict(base_url=base_url, model=model, model_path=model_path).items() if v}
-    s = run_review(input, out, store=db, index_dir=index, backend=backend, backend_options=opts, k=k,
+    name, opts = _reader(backend_config, backend, max_tokens, no_cot, max_cases, base_url=base_url, model=model,
+                         model_path=model_path)
+    s = run_review(input, out, store=db, index_dir=index, backend=name, backend_options=opts, k=k,
                    workers=workers, batch_size=batch_size, engine=engine, limit=limit, retry_errors=retry_errors)
     console.print(s.text(), soft_wrap=True)  # whole output paths, one a line, whatever the width
+
+
+@app.command("review-import")
+def review_import(csv_file: Path = typer.Argument(..., help="verdicts CSV exported from a review page"),
+                  db: Optional[str] = DbOpt) -> None:
+    """Store a review page's exported verdicts (agree / disagree / comment) with their job; re-render its page."""
+    from rag_ecg.review.verdicts import import_verdicts, rerender_page
+
+    store = _store(db)
+    res = import_verdicts(store, csv_file)
+    page = rerender_page(store, res.job_id)
+    console.print(f"job {res.job_id}: {res.added} verdict(s) added, {res.updated} updated, {res.unchanged} unchanged",
+                  soft_wrap=True)
+    console.print(f"page: {page}" if page else f"page not re-rendered: {res.out_dir} is gone", soft_wrap=True)
+
+
+@app.command()
+def serve(host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+          port: int = typer.Option(7860, help="TCP port"),
+          backend: str = typer.Option("retrieval", help="retrieval | hf | vllm"),
+          index: str = typer.Option("default", help="index name or folder"), db: Optional[str] = DbOpt,
+          k: int = 8, base_url: Optional[str] = typer.Option(None, help="vllm: server URL"),
+          model: Optional[str] = typer.Option(None, help="vllm: served model name"),
+          model_path: Optional[str] = typer.Option(None, help="hf: local LLaVA-NeXT folder"),
+          no_cot: bool = typer.Option(False, help="short prompt (small context windows)"),
+          max_cases: Optional[int] = typer.Option(None, help="cases shown to the LLM"),
+          max_upload_mb: float = typer.Option(25.0, help="largest upload accepted, MB")) -> None:
+    """The local web app: upload an ECG picture, PDF or WFDB record (or pick an example) and see its digitised
+    traces, measurements, similar cases and grounded report; download the report and the digitised record."""
+    from rag_ecg.app.server import serve as run_server
+
+    opts = {k_: v for k_, v in dict(base_url=base_url, model=model, model_path=model_path).items() if v}
+    run_server(_index_dir(index), db, host=host, port=port, backend=backend, backend_options=opts, k=k,
+               cot=not no_cot, max_cases=max_cases, max_upload_mb=max_upload_mb)
 
 
 @app.command("eval")
@@ -384,17 +440,19 @@ def eval_cmd(data: Path = typer.Option(..., help="PTB-XL-like folder, LUDB-like 
              presets: str = typer.Option("clean,scan,photo", help="how records are drawn, comma-separated"),
              index: str = typer.Option("default", help="index name or folder"),
              out: Optional[Path] = typer.Option(None, "--out", help="output folder (default data/eval/<set>)"),
-             backend: str = typer.Option("retrieval", help="retrieval | hf | vllm"),
+             backend: Optional[str] = BackendOpt, backend_config: Optional[Path] = BackendConfigOpt,
              base_url: Optional[str] = None, model: Optional[str] = None, model_path: Optional[str] = None,
+             max_tokens: Optional[int] = MaxTokensOpt, no_cot: bool = NoCotOpt, max_cases: Optional[int] = MaxCasesOpt,
              threshold: Optional[float] = typer.Option(None, help="retrieval reader vote threshold (default: the "
                                                        "index's per-label F1-best thresholds)"),
              k: int = 8, workers: int = 2, limit: Optional[int] = None, db: Optional[str] = DbOpt) -> None:
     """The whole pipeline on a labelled set under each preset: ECGBench metrics, report F1, citation validity."""
     from rag_ecg.eval.pipeline import TABLE_COLUMNS, EvalConfig, load_labelled, run_eval, table_rows
 
-    opts = {k_: v for k_, v in dict(base_url=base_url, model=model, model_path=model_path).items() if v}
+    backend, opts = _reader(backend_config, backend, max_tokens, no_cot, max_cases, base_url=base_url, model=model,
+                            model_path=model_path)
     if backend == "retrieval":
-        opts["threshold"] = threshold
+        opts["threshold"] = threshold if threshold is not None else opts.get("threshold")
     labelled = load_labelled(data, split, limit)
     slug = "".join(ch if ch.isalnum() else "-" for ch in labelled.name).strip("-")
     out = out or paths.data_dir() / "eval" / slug
@@ -449,17 +507,20 @@ def convert_pulse(ctx: typer.Context) -> None:
 @app.command()
 def quickstart(data: Path = typer.Option(None, help="folder holding ptbxl/ and/or ludb/ (default: ../shared/data)"),
                db: Optional[str] = DbOpt,
-               encoder: Optional[Path] = typer.Option(None, help="use this encoder checkpoint instead of training"),
-               minutes: float = typer.Option(8.0, help="training time cap for the CPU encoder"),
+               encoder: Optional[Path] = typer.Option(None, help="use this encoder checkpoint (default: the shipped one)"),
+               retrain: bool = typer.Option(False, "--retrain", help="train the CPU encoder instead of using the "
+                                            "shipped one (time-capped by --minutes; reused on later runs)"),
+               minutes: float = typer.Option(8.0, help="training time cap for the CPU encoder (--retrain)"),
                charts: int = typer.Option(60, help="fold-9 PTB-XL records to review as photographed charts")) -> None:
-    """The whole pipeline on the embedded defaults: ingest, train (or reuse) the encoder, build the index,
+    """The whole pipeline on the embedded defaults: ingest, the shipped encoder (or --retrain), build the index,
     review fold-9 records rendered as `photo` charts with the retrieval reader, print metrics."""
     from index.quickstart import run
 
     store = _store(db)
-    res = run(store, data or paths.shared_data_dir(), encoder=encoder, minutes=minutes, charts=charts)
+    res = run(store, data or paths.shared_data_dir(), encoder=encoder, minutes=minutes, charts=charts,
+              retrain=retrain)
     print_summary(store)
-    from rag_ecg.eval.pipeline import TABLE_COLUMNS
+    from rag_ecg.eval.pipeline import TABLE_COLUMNS, figure
 
     m = res["metrics"]
     table = Table(title=f"retrieval reader on {m.get('charts', 0)} fold-9 photo charts (PTB-XL superclasses)")
@@ -467,7 +528,7 @@ def quickstart(data: Path = typer.Option(None, help="folder holding ptbxl/ and/o
     for _, name in cols:
         table.add_column(name, justify="right")
     if m.get("charts"):
-        table.add_row(*[f"{m[key]:.3f}" for key, _ in cols])
+        table.add_row(*[figure(m, key) for key, _ in cols])  # with its bootstrap 95 % interval
     console.print(table)
     console.print(f"review page: {res['review_html']}")
     console.print("more: python cli.py eval --data ../shared/data/ptbxl (clean/scan/photo), "

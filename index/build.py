@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from sqlalchemy import select
@@ -41,7 +43,7 @@ from rag_ecg.errors import ArtifactError, InputError
 from rag_ecg.eval.metrics import choose_thresholds, knn_scores, labels_to_matrix
 from rag_ecg.io import atomic_write_with, read_json, replace_dir, write_json
 from rag_ecg.paper.render import render_page
-from rag_ecg.search.calibration import Calibration, fit_platt
+from rag_ecg.search.calibration import Calibration, fit_fusion, fit_platt, top_quantiles
 from rag_ecg.search.index_config import IndexConfig
 from rag_ecg.search.index_files import IndexLoadError
 from rag_ecg.search.index_folder import MANIFEST, IndexStoreMismatchError, check_store, write_cases
@@ -62,6 +64,9 @@ class BuildConfig:
     include_unsplit: bool = False  # also include cases without a split (e.g. LUDB) — off: keep them for out-of-domain tests
     preset: str = "clean"  # artifact preset of the reference pages
     renders_per_case: int = 1  # >1: embed several renders (random layouts/presets) and store their mean
+    signal_layouts: list[str] = field(default_factory=lambda: ["3x4+II"])  # trace towers: embed the signal
+    # itself as a flawless read of these layouts (mean); the page is drawn only to be looked at. []: render and
+    # digitise `preset` pages instead (what image towers always do)
     dpi: int = 100  # render resolution; the encoder sees ~350 px wide pages, so 100 dpi loses nothing
     page_width: int = 1100  # width of the JPEG page kept per case for reports and review pages (0: none)
     batch_size: int = 32  # images per encoder forward pass
@@ -71,6 +76,7 @@ class BuildConfig:
     temperature: float = 0.05  # softmax temperature of the vote
     index: dict = field(default_factory=dict)  # IndexConfig fields (kind, nlist, ...)
     limit: int | None = None  # at most this many cases (smoke runs)
+    calibration_queries: int = 200  # held-out (`val` split) ECGs drawn as pictures to fit probabilities on (0: none)
 
     def key(self) -> str:
         """Hash of the settings that change vectors: a resumed build must have the same one."""
@@ -90,12 +96,19 @@ def select_cases(store: Store, cfg: BuildConfig) -> list[Case]:
 
 
 def _render_job(args) -> tuple[int, list, str | None]:
-    """Worker: read a case's signal, draw its pages, keep one as a JPEG; returns PIL pages for the encoder."""
-    case, preset, n, dpi, page_dir, page_width = args
+    """Worker: read a case's signal, draw its pages, keep one as a JPEG; returns PIL pages for the encoder, or
+    the signal's perfect reads (trace arrays) when `layouts` are given."""
+    case, preset, n, dpi, page_dir, page_width, layouts = args
     try:
         rec = load_case_record(case)
     except ValueError as exc:
         return case.id, [], str(exc)
+    if layouts:
+        if page_dir and page_width:
+            seed = int(hashlib.sha256(f"{case.source}:{case.external_id}:0".encode()).hexdigest()[:8], 16)
+            _save_jpeg(render_page(rec, preset=preset, seed=seed, dpi=dpi), Path(page_dir) / f"{case.id}.jpg",
+                       page_width)
+        return case.id, [TracePreprocess().perfect_read(rec, layout) for layout in layouts], None
     pages = []
     for i in range(n):
         seed = int(hashlib.sha256(f"{case.source}:{case.external_id}:{i}".encode()).hexdigest()[:8], 16)
@@ -176,6 +189,9 @@ def build_index(store: Store, encoder_dir: str | Path, name: str = "default", ou
         calibration = calibrate(images, done, cfg, floor=False)
     else:
         calibration = calibrate(images, done, cfg, _artifact_top_scores(images, done, cfg, encoder))
+    queries = held_out_queries(store, cfg)
+    if queries:
+        calibration = fit_on_queries(calibration, images, done, queries, cfg, encoder, progress=progress)
     manifest = {
         "name": name, "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "generation": _generation(out) + 1, "rag_ecg_version": __version__,
@@ -283,7 +299,8 @@ def _step(name: str) -> None:
 
 
 def _embed_chunk(chunk: list[Case], cfg: BuildConfig, encoder: ECGEncoder, page_dir, skipped: dict):
-    jobs = [(c, cfg.preset, cfg.renders_per_case, cfg.dpi, page_dir, cfg.page_width) for c in chunk]
+    layouts = cfg.signal_layouts if isinstance(encoder.preprocess, TracePreprocess) else []
+    jobs = [(c, cfg.preset, cfg.renders_per_case, cfg.dpi, page_dir, cfg.page_width, layouts) for c in chunk]
     workers = cfg.workers or os.cpu_count() or 1
     ids, vecs = [], []
     rendered = []
@@ -301,7 +318,9 @@ def _embed_chunk(chunk: list[Case], cfg: BuildConfig, encoder: ECGEncoder, page_
         if not part:
             continue
         flat = [p for _, pages, _ in part for p in pages]
-        emb = encoder.embed_images(flat, strict=False).reshape(len(part), cfg.renders_per_case, -1).mean(axis=1)
+        per_case = len(layouts) or cfg.renders_per_case
+        emb = (encoder.embed_pixels(np.stack(flat)) if layouts else encoder.embed_images(flat, strict=False))
+        emb = emb.reshape(len(part), per_case, -1).mean(axis=1)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         ids += [cid for cid, _, _ in part]
         vecs += list(emb.astype(np.float32))
@@ -363,7 +382,80 @@ def calibrate(images: VectorIndex, cases: list[Case], cfg: BuildConfig,
     # nearest other-patient case; allow a margin.
     min_top = float(np.quantile(top, 0.001) - 0.5 * (np.median(top) - np.quantile(top, 0.001)))
     cal.thresholds, cal.min_top_score = thresholds, (min_top if floor else None)
+    cal.reference_top, cal.fitted_on = top_quantiles(top), "library (leave-one-patient-out)"
     return cal
+
+
+def held_out_queries(store: Store, cfg: BuildConfig) -> list[Case]:
+    """The store's `val` split of the library's sources (PTB-XL fold 9) when the library leaves it out: what
+    probabilities and thresholds are fitted on (never the queries an evaluation scores: those are other data)."""
+    if not cfg.calibration_queries or cfg.splits is None or "val" in cfg.splits:
+        return []
+    with store.session() as s:
+        q = select(Case).where(Case.split == "val").order_by(Case.id)
+        if cfg.sources:
+            q = q.where(Case.source.in_(cfg.sources))
+        return list(s.scalars(q.limit(cfg.calibration_queries)))
+
+
+def _query_job(args):
+    """Worker: a held-out case drawn with random layout and artifacts, read as the encoder reads a picture."""
+    case, dpi, preprocess = args
+    try:
+        rec = load_case_record(case)
+    except ValueError:
+        return None
+    seed = int(hashlib.sha256(f"{case.source}:{case.external_id}:calibration".encode()).hexdigest()[:8], 16)
+    return preprocess.pixels(render_page(rec, preset="random", seed=seed, dpi=dpi), strict=False)
+
+
+def fit_on_queries(cal: Calibration, images: VectorIndex, cases: list[Case], queries: list[Case], cfg: BuildConfig,
+                   encoder: ECGEncoder, min_queries: int = 20, progress: bool = False) -> Calibration:
+    """Refit `cal`'s probabilities, thresholds and similarity scale on held-out ECGs read as pictures: per label a
+    logistic fusion of the neighbours' vote and the encoder's superclass head (Platt on the vote alone where
+    the encoder has no head), F1-best thresholds on the fused probabilities."""
+    workers = min(cfg.workers or os.cpu_count() or 1, len(queries))
+    jobs = [(c, cfg.dpi, encoder.preprocess) for c in queries]
+    # spawn, not fork: this process has run torch (the library's embeddings), and a forked child that runs torch
+    # (the digitiser's segmenter) can hang on the inherited OpenMP state
+    with _progress(progress) as bar, ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        task = bar.add_task("held-out pictures (calibration)", total=len(jobs))
+        read = []
+        for x in (pool.map(_query_job, jobs, chunksize=2) if workers > 1 else map(_query_job, jobs)):
+            read.append(x)
+            bar.advance(task)
+    kept = [(c, x) for c, x in zip(queries, read) if x is not None]
+    if len(kept) < min_queries:  # too few to fit on: keep the library's own calibration
+        return cal
+    emb = encoder.embed_pixels(np.stack([x for _, x in kept]))
+    by_id = {c.id: c for c in cases}
+    ids = images.ids
+    lib = images.vectors(ids)
+    y_lib = labels_to_matrix([by_id[int(i)].labels or [] for i in ids], SUPERCLASSES)
+    votes = knn_scores(emb, lib, y_lib, cfg.k, cfg.temperature)
+    y = labels_to_matrix([c.labels or [] for c, _ in kept], SUPERCLASSES)
+    head = None
+    if encoder.aux_head is not None and tuple(encoder.aux_classes) == tuple(SUPERCLASSES):
+        with torch.inference_mode():
+            head = encoder.aux_logits(torch.from_numpy(emb).to(encoder.device)).float().cpu().numpy()
+    platt, fusion = {}, {}
+    probs = votes.copy()
+    for j, lab in enumerate(SUPERCLASSES):
+        if not 0 < y[:, j].sum() < len(y):
+            continue
+        platt[lab] = list(fit_platt(votes[:, j], y[:, j]))
+        if head is not None:
+            fusion[lab] = fit_fusion(votes[:, j], head[:, j], y[:, j])
+    out = Calibration(temperature=cfg.temperature, k=cfg.k, platt=platt, fusion=fusion or None,
+                      min_top_score=cal.min_top_score, reference_top=top_quantiles((emb @ lib.T).max(axis=1)),
+                      fitted_on=f"{len(kept)} held-out ECGs (split val) drawn as pictures")
+    for i in range(len(kept)):
+        probs[i] = [out.probability(lab, votes[i, j], None if head is None else head[i, j])
+                    for j, lab in enumerate(SUPERCLASSES)]
+    out.thresholds = {lab: float(t) for lab, t in zip(SUPERCLASSES, choose_thresholds(y, probs))
+                      if lab in platt and np.isfinite(t)}
+    log.info("calibration: fitted on %s", out.fitted_on)
+    return out
 
 
 def _copy_encoder(src: Path, dst: Path) -> None:

@@ -14,7 +14,9 @@ from index.build import build_index
 from index.ingest import ingest
 from rag_ecg import paths
 from rag_ecg.data.store import Store
+from rag_ecg.encoder.checkpoint import EncoderLoadError
 from rag_ecg.encoder.model import ECGEncoder
+from rag_ecg.encoder.shipped import default_encoder
 from rag_ecg.eval.pipeline import EvalConfig, load_labelled, run_eval
 from rag_ecg.io import atomic_write
 from training.train_encoder import main as train_encoder
@@ -22,10 +24,16 @@ from training.train_encoder import main as train_encoder
 log = logging.getLogger(__name__)
 
 
-def ensure_encoder(store: Store, encoder: Path | None, minutes: float) -> Path:
-    """A given checkpoint, else the quickstart's own (trained once with the CPU recipe, time-capped)."""
+def ensure_encoder(store: Store, encoder: Path | None, minutes: float, retrain: bool = False) -> Path:
+    """A given checkpoint; else the encoder shipped in the package; with `retrain` (or when this install has
+    none) the quickstart's own, trained once with the CPU recipe (time-capped)."""
     if encoder:
         return Path(encoder)
+    if not retrain:
+        try:
+            return default_encoder()
+        except EncoderLoadError as e:
+            log.warning("%s; training one instead", e)
     run_dir = paths.data_dir() / "runs" / "encoder-quickstart"
     final = run_dir / "encoder"  # the recipe writes its finished checkpoint here (an interrupted run resumes)
     if (final / "manifest.json").exists():
@@ -50,7 +58,7 @@ def ensure_index(store: Store, encoder: Path, name: str) -> Path:
 
 
 def run(store: Store, data: Path, encoder: Path | None = None, minutes: float = 8.0, charts: int = 60,
-        index_name: str = "default") -> dict:
+        index_name: str = "default", retrain: bool = False) -> dict:
     """Every step in turn (each reusing what an earlier run finished); returns the summary it writes."""
     found = [(n, data / n) for n in ("ptbxl", "ludb") if (data / n).is_dir()]
     if not found:
@@ -58,7 +66,7 @@ def run(store: Store, data: Path, encoder: Path | None = None, minutes: float = 
     for name, folder in found:
         res = ingest(store, name, folder)
         log.info("%s: %d new, %d updated, %d skipped", name, res.inserted, res.updated, len(res.skipped))
-    enc = ensure_encoder(store, encoder, minutes)
+    enc = ensure_encoder(store, encoder, minutes, retrain)
     index = ensure_index(store, enc, index_name)
     if not (data / "ptbxl").is_dir():
         raise FileNotFoundError(f"{data}: the quickstart reviews PTB-XL fold-9 records: no ptbxl/ folder")

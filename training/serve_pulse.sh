@@ -19,8 +19,13 @@
 #   GPU_UTIL    fraction of GPU memory vLLM may take [0.90]
 #   DTYPE       weight/activation dtype [bfloat16]
 #   API_KEY     require this bearer key from clients [none]
-#   LORA        a LoRA adapter folder from training/finetune_llm.py, served as model "$NAME-lora" [none]
+#   LORA        a LoRA adapter folder from training/finetune_llm.py, served as model "$NAME-lora" [none];
+#               needs a vLLM whose LlavaNextForConditionalGeneration supports LoRA (vllm-project/vllm#49788,
+#               merged 2026-07-25; older releases stop at start with "does not support LoRA yet": serve the
+#               run's merged/ checkpoint instead, see docs/serving.md)
 #   LORA_RANK   the adapter's rank for --max-lora-rank [64]
+#
+# rag-ecg's vllm client reads MAX_LEN back from GET /v1/models and fits each prompt into it (docs/serving.md).
 set -euo pipefail
 
 MODEL_DIR="${1:?usage: training/serve_pulse.sh CONVERTED_MODEL_DIR (see training/convert_pulse.py)}"
@@ -71,6 +76,9 @@ if [[ -n "${API_KEY:-}" ]]; then
   args+=(--api-key "$API_KEY")
 fi
 if [[ -n "${LORA:-}" ]]; then
+  [[ -f "$LORA/adapter_config.json" ]] || { echo "serve_pulse: LORA=$LORA has no adapter_config.json" >&2; exit 2; }
+  echo "serve_pulse: LoRA on LLaVA-NeXT needs vLLM with vllm-project/vllm#49788 (2026-07); if it stops with" \
+       "'does not support LoRA yet', serve the merged checkpoint (finetune's merged/) instead" >&2
   args+=(--enable-lora --max-lora-rank "${LORA_RANK:-64}" --lora-modules "$NAME-lora=$LORA")
 fi
 

@@ -104,3 +104,14 @@ def ludb_superclasses(diagnoses: list[str]) -> list[str]:
     if not found and not abnormal:
         found.add("NORM")
     return [s for s in SUPERCLASSES if s in found]
+
+
+def english_statements(codes: dict[str, float], descriptions: dict[str, str]) -> list[tuple[str, str, float]]:
+    """(code, English description, likelihood) of a case's SCP statements, most likely first: how a case's
+    findings are shown to people beside its (mostly German) report. PTB-XL's scp_statements.csv descriptions
+    first; the rhythm and superclass names here where the store holds none; the bare code as the last resort."""
+    out = []
+    for code, lik in (codes or {}).items():
+        text = descriptions.get(code) or RHYTHM_CODES.get(code) or SUPERCLASS_NAMES.get(code) or code
+        out.append((code, text, float(lik or 0.0)))
+    return sorted(out, key=lambda t: (-t[2], t[0]))

@@ -23,6 +23,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from rag_ecg import paths
+from rag_ecg.data import case_text
 from rag_ecg.data.labels import ScpStatement
 from rag_ecg.data.records import ECGRecord, read_ludb, read_wfdb
 from rag_ecg.errors import BackendError, InputError
@@ -158,6 +159,7 @@ class Store:
         Base.metadata.create_all(self.engine)
         _add_missing_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        case_text.install(self.engine, self._sessions)  # full-text rows written with their cases (text search)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

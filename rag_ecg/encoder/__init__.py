@@ -6,4 +6,5 @@
 - `preprocess`: page -> model input (`Preprocess` letterboxes pixels, `TracePreprocess` digitises traces).
 - `text`: `case_text` (what a case's text is) and the offline `Tokenizer`.
 - `checkpoint`: checkpoint folders (safetensors + manifest), written atomically, checked on load.
+- `shipped`: the encoder the package ships (`weights/`, ~3 MB: kept token rows, float16) and `default_encoder()`.
 """

@@ -29,6 +29,9 @@ from rag_ecg.data.labels import SUPERCLASSES
 from rag_ecg.data.records import RecordError, find_wfdb_records, read_ludb, read_ptbxl_index
 from rag_ecg.data.store import ScpStatementRow
 from rag_ecg.errors import InputError
+from rag_ecg.eval.bootstrap import (LEVEL, RESAMPLES, SEED, hamming_stat, intervals, macro_auc_stat, macro_f1_stat,
+                                    mean_stat, ratio_stat)
+from rag_ecg.eval.calibration_error import expected_calibration_error
 from rag_ecg.eval.metrics import hamming_loss, labels_to_matrix, macro_auc, macro_f1, per_class_f1
 from rag_ecg.io import atomic_open, atomic_write
 from rag_ecg.redact import redact
@@ -195,16 +198,16 @@ def report_codes(report: dict, known: set[str]) -> set[str]:
     return out & known if known else out
 
 
+def sample_f1_scores(truth: Sequence[set], pred: Sequence[set]) -> np.ndarray:
+    """Per report, the F1 between asserted and true label sets (1 when both are empty)."""
+    return np.array([1.0 if not t and not p else 2 * len(t & p) / (len(t) + len(p))
+                     for t, p in zip(truth, pred, strict=True)], dtype=np.float64)
+
+
 def sample_f1(truth: Sequence[set], pred: Sequence[set]) -> float:
     """Mean over reports of the F1 between asserted and true label sets (1 when both are empty)."""
-    scores = []
-    for t, p in zip(truth, pred, strict=True):
-        if not t and not p:
-            scores.append(1.0)
-            continue
-        tp = len(t & p)
-        scores.append(2 * tp / (len(t) + len(p)))
-    return float(np.mean(scores)) if scores else float("nan")
+    scores = sample_f1_scores(truth, pred)
+    return float(scores.mean()) if scores.size else float("nan")
 
 
 def cited_ids(report: dict) -> list[int]:
@@ -219,8 +222,8 @@ def score_reports(reports: Sequence[dict], truth: Sequence[LabelledChart],
                   code_superclass: dict[str, str | None]) -> dict:
     """ECGBench-style metrics of stored reports against their charts' labels (all in [0, 1])."""
     y = labels_to_matrix([c.labels for c in truth])
-    scores, preds, asserted = [], [], []
-    cited_total = cited_ok = dropped = 0
+    scores, preds, asserted, cited_n, cited_good = [], [], [], [], []
+    dropped = 0
     for rep in reports:
         sup = report_superclasses(rep, code_superclass)
         conf = {d.get("superclass"): float(d.get("confidence") or 0.0) for d in rep.get("diagnoses") or []
@@ -231,15 +234,21 @@ def score_reports(reports: Sequence[dict], truth: Sequence[LabelledChart],
         asserted.append(sup)
         retrieved = {int(c["case_id"]) for c in (rep.get("retrieval") or {}).get("cases") or []}
         ids = cited_ids(rep)
-        cited_total += len(ids)
-        cited_ok += sum(i in retrieved for i in ids)
+        cited_n.append(len(ids))
+        cited_good.append(sum(i in retrieved for i in ids))
         dropped += len(rep.get("dropped_citations") or [])
     s, p = np.array(scores, dtype=np.float64), np.array(preds, dtype=np.uint8)
+    cited_total, cited_ok = sum(cited_n), sum(cited_good)
+    report_f1 = sample_f1_scores([set(c.labels) for c in truth], asserted)
+    stats = {"macro_auc_scores": macro_auc_stat(y, s), "macro_auc_binary": macro_auc_stat(y, p),
+             "macro_f1": macro_f1_stat(y, p), "hamming_loss": hamming_stat(y, p),
+             "superclass_report_f1": mean_stat(report_f1), "citations_valid": ratio_stat(cited_good, cited_n)}
     out = {
         "charts": len(truth),
         "macro_auc_scores": macro_auc(y, s), "macro_auc_binary": macro_auc(y, p),
         "macro_f1": macro_f1(y, p), "hamming_loss": hamming_loss(y, p),
-        "superclass_report_f1": sample_f1([set(c.labels) for c in truth], asserted),
+        "superclass_report_f1": float(report_f1.mean()),
+        "calibration_error": expected_calibration_error(y, s),  # ECE of the stated probabilities (10 bins)
         "citations": cited_total,  # case ids cited, before the check dropped any
         "citations_valid": cited_ok / cited_total if cited_total else 1.0,
         "citations_unknown": cited_total - cited_ok,  # cited ids the retrieval did not return
@@ -249,7 +258,12 @@ def score_reports(reports: Sequence[dict], truth: Sequence[LabelledChart],
     }
     if any(c.codes for c in truth):
         known = set(code_superclass) | {k for c in truth for k in c.codes}
-        out["scp_report_f1"] = sample_f1([set(c.codes) for c in truth], [report_codes(r, known) for r in reports])
+        scp = sample_f1_scores([set(c.codes) for c in truth], [report_codes(r, known) for r in reports])
+        out["scp_report_f1"] = float(scp.mean())
+        stats["scp_report_f1"] = mean_stat(scp)
+    # percentile bootstrap over charts: {value, lo, hi} per figure (the table prints "0.842 [0.81–0.87]")
+    out["ci95"] = intervals(stats, len(truth))
+    out["bootstrap"] = {"resamples": RESAMPLES, "seed": SEED, "level": LEVEL, "unit": "chart"}
     return out
 
 
@@ -326,21 +340,31 @@ def run_eval(labelled: LabelledSet, out_dir: str | Path, store, index_dir: str |
 
 TABLE_COLUMNS = (("macro_auc_scores", "AUC (scores)"), ("macro_auc_binary", "AUC (binary)"), ("macro_f1", "F1"),
                  ("hamming_loss", "Hamming loss"), ("superclass_report_f1", "report F1 (superclass)"),
-                 ("scp_report_f1", "report F1 (SCP)"), ("citations_valid", "citations valid"))
+                 ("scp_report_f1", "report F1 (SCP)"), ("calibration_error", "ECE"),
+                 ("citations_valid", "citations valid"))
 
 
 def table_rows(result: dict) -> list[list[str]]:
-    """One row per preset: preset, charts, then TABLE_COLUMNS (— where a metric does not apply)."""
+    """One row per preset: preset, charts, then TABLE_COLUMNS with their 95 % intervals (see `figure`)."""
     rows = []
     for preset, m in result["presets"].items():
         notes = [f"{m[k]} {name}" for k, name in (("errors", "err"), ("unparsed", "unparsed"),
                                                   ("statements_dropped", "dropped")) if m.get(k)]
         cells = [preset, f"{m.get('charts', 0)}" + (f" ({', '.join(notes)})" if notes else "")]
-        for key, _ in TABLE_COLUMNS:
-            v = m.get(key)
-            cells.append("—" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}")
+        cells += [figure(m, key) for key, _ in TABLE_COLUMNS]
         rows.append(cells)
     return rows
+
+
+def figure(metrics: dict, key: str) -> str:
+    """`0.842 [0.81–0.87]`: a figure with its bootstrap 95 % interval (— where the metric does not apply)."""
+    v = metrics.get(key)
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "—"
+    ci = (metrics.get("ci95") or {}).get(key) or {}
+    if ci.get("lo") is None or ci.get("hi") is None:
+        return f"{v:.3f}"
+    return f"{v:.3f} [{ci['lo']:.2f}–{ci['hi']:.2f}]"
 
 
 def markdown(result: dict) -> str:
@@ -352,6 +376,10 @@ def markdown(result: dict) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
     if result.get("skipped"):
         lines += ["", f"{len(result['skipped'])} record(s) skipped, e.g. {result['skipped'][0]}"]
+    boot = next((m["bootstrap"] for m in result["presets"].values() if m.get("bootstrap")), None)
+    if boot:
+        lines += ["", f"[brackets]: {100 * boot['level']:.0f} % percentile-bootstrap interval over charts "
+                      f"({boot['resamples']} resamples, seed {boot['seed']})"]
     prev = next(iter(result["presets"].values()), {}).get("prevalence")
     if prev:
         lines += ["", "prevalence: " + ", ".join(f"{k} {v:.2f}" for k, v in prev.items())]

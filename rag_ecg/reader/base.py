@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Sequence
 
 from rag_ecg.errors import BackendError
+from rag_ecg.reader.token_budget import FittedPrompt, plain_prompt
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -25,10 +26,17 @@ class LLMBackend(ABC):
     model: str = ""
     composes_reports: bool = False  # True: build reports with `compose(evidence)`, no text generation
     max_concurrency: int = 1  # how many generations may usefully run at once (callers fan out up to it)
+    cot: bool = True  # prompt: step-by-step reasoning before the JSON (False: the JSON alone)
+    max_cases: int | None = None  # prompt: show at most this many of the retrieved cases (None: all)
 
     @abstractmethod
     def generate(self, messages: Sequence[Any], images: Sequence["Image.Image"] = ()) -> str:
         """The assistant's answer to the conversation."""
+
+    def prepare(self, evidence: "Evidence", image: "Image.Image | None" = None, cot: bool = True,
+                max_cases: int | None = None, measured: str = "") -> FittedPrompt:
+        """The prompt for one chart; a backend that knows its context window fits it there (vllm)."""
+        return plain_prompt(evidence, image, cot, max_cases, measured)
 
     def compose(self, evidence: "Evidence", measurements: dict | None = None) -> "Report":
         raise BackendError(f"backend {self.name!r} generates text; use interpret() to build a report")

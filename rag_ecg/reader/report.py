@@ -68,6 +68,7 @@ class CaseRef:
     external_id: str = ""
     score: float = 0.0
     image_path: str | None = None
+    similarity_pct: float | None = None  # % of real pictures' best matches less similar (see Calibration.percentile)
 
 
 @dataclass
@@ -84,8 +85,8 @@ class RetrievalInfo:
     def from_evidence(cls, evidence: "Evidence") -> "RetrievalInfo":
         return cls(k=evidence.k or len(evidence.neighbours), index_name=evidence.index_name,
                    encoder_hash=evidence.encoder_hash, superclass_scores=dict(evidence.superclass_scores),
-                   cases=[CaseRef(n.case_id, n.source, n.external_id, float(n.score), n.image_path)
-                          for n in evidence.neighbours])
+                   cases=[CaseRef(n.case_id, n.source, n.external_id, float(n.score), n.image_path,
+                                  n.similarity_pct) for n in evidence.neighbours])
 
     @property
     def case_ids(self) -> list[int]:
@@ -124,6 +125,7 @@ class Report:
     measurements: dict | None = None  # Measurements.to_dict() (+ "sex"); all None + "error" when not measurable
     measured_findings: list[MeasuredFinding] = field(default_factory=list)  # rule-based, urgent first
     measured_fields: list[str] = field(default_factory=list)  # rate_bpm / axis / pr_ms ... filled from them
+    notes: list[str] = field(default_factory=list)  # how the reader was asked (e.g. evidence cut to fit the window)
 
     @property
     def cited_case_ids(self) -> list[int]:
@@ -156,7 +158,7 @@ class Report:
             dropped_citations=[DroppedStatement(**x) for x in d.get("dropped_citations", [])],
             notice=d.get("notice", NOTICE), measurements=d.get("measurements"),
             measured_findings=[MeasuredFinding(**x) for x in d.get("measured_findings") or []],
-            measured_fields=list(d.get("measured_fields") or []),
+            measured_fields=list(d.get("measured_fields") or []), notes=list(d.get("notes") or []),
         )
 
     def to_json(self, indent: int | None = 2) -> str:

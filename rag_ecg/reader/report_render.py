@@ -3,7 +3,9 @@
 Measurements of the tracing and the findings that follow from them by rule are shown apart from the
 neighbours' votes and citations, each marked "measured"; an urgent one (ST elevation meeting the STEMI
 criteria) comes first, above everything else. HTML pages carry their images inside them (base64 PNG thumbnails) and escape every text, so a page can be
-mailed or archived on its own and no store text can inject markup.
+mailed or archived on its own and no store text can inject markup. Given the retrieved neighbours, each case is
+listed with its SCP statements in English and its own report quoted beside them (PTB-XL's reports are mostly
+German, their mangled umlauts repaired), and its similarity rank among the library's own pairs when known.
 """
 from __future__ import annotations
 
@@ -11,14 +13,18 @@ import base64
 import html
 import io
 from pathlib import Path
+from typing import Sequence
 
 from PIL import Image
 
 from rag_ecg.data.images import load_image, to_rgb
+from rag_ecg.data.labels import english_statements
+from rag_ecg.data.text_repair import repair_report
 from rag_ecg.errors import InputError
 from rag_ecg.io import atomic_write
 from rag_ecg.reader.measured import FIELD_KEYS, not_measurable, summary_line
 from rag_ecg.reader.report import Diagnosis, Report
+from rag_ecg.search.evidence import Neighbour, similarity_text
 
 
 def _cites(ids: list[int]) -> str:
@@ -50,8 +56,14 @@ def _diag_name(d: Diagnosis) -> str:
     return f"{d.label} ({tag})" if tag and tag != d.label else d.label
 
 
-def render_text(r: Report) -> str:
-    """Plain text for a terminal or a chart note."""
+def case_findings(n: Neighbour) -> list[str]:
+    """A neighbour's statements in English, e.g. "normal ECG (NORM 100)", most likely first."""
+    return [f"{text} ({code}{f' {lik:g}' if lik else ''})"
+            for code, text, lik in english_statements(n.codes, n.code_descriptions)]
+
+
+def render_text(r: Report, neighbours: Sequence[Neighbour] | None = None) -> str:
+    """Plain text for a terminal or a chart note (`neighbours`: the retrieved cases' findings and reports)."""
     out = [f"ECG interpretation — backend {r.backend or '?'}, model {r.model or '-'}",
            r.notice.upper(), ""]
     out += [f"*** {f.text} ***" for f in r.measured_findings if f.urgent]  # first: urgent, whatever the reader said
@@ -77,9 +89,18 @@ def render_text(r: Report) -> str:
         out += ["", "Removed by the citation check (cited cases that were not retrieved):"]
         out += [f"  - {d.where}: {d.text!r} cited unknown case(s) {', '.join(map(str, d.unknown))}"
                 for d in r.dropped_citations]
+    out += ["", *(f"Note: {n}" for n in r.notes)] if r.notes else []
     ret = r.retrieval
     out += ["", f"Retrieval: k={ret.k}, index {ret.index_name or '-'}, encoder {ret.encoder_hash or '-'}"]
-    out += [f"  case {c.case_id}: {c.source} {c.external_id}, similarity {c.score:.3f}" for c in ret.cases]
+    by_id = {n.case_id: n for n in neighbours or []}
+    for c in ret.cases:
+        n = by_id.get(c.case_id)
+        pct = n.similarity_pct if n is not None else None
+        out.append(f"  case {c.case_id}: {c.source} {c.external_id}, similarity {similarity_text(c.score, pct)}")
+        if n is not None:
+            out.append(f"    findings: {'; '.join(case_findings(n)) or 'none stated'}")
+            if n.report:
+                out.append(f'    report (original): "{repair_report(n.report)}"')
     return "\n".join(out) + "\n"
 
 
@@ -108,11 +129,14 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .6em;te
 .cases{display:flex;flex-wrap:wrap;gap:1em}.cases figure{margin:0;max-width:260px}
 img{max-width:100%;border:1px solid #ccc}pre{white-space:pre-wrap;background:#f6f6f6;padding:1em}
 .missing{color:#a00}.urgent{background:#b42318;color:#fff;padding:.5em 1em;font-weight:700}
-.measured{border-left:4px solid #3e7cb1;padding-left:1em}"""
+.measured{border-left:4px solid #3e7cb1;padding-left:1em}ul.en{margin:0;padding-left:1.1em}
+blockquote.orig{margin:0;padding-left:.6em;border-left:3px solid #ccc;font-style:italic}"""
 
 
-def render_html(report: Report, query_image=None, case_images: dict[int, str | Path] | None = None) -> str:
-    """A self-contained page: images as base64 thumbnails, every text escaped."""
+def render_html(report: Report, query_image=None, case_images: dict[int, str | Path] | None = None,
+                neighbours: Sequence[Neighbour] | None = None) -> str:
+    """A self-contained page: images as base64 thumbnails, every text escaped (`neighbours`: the retrieved
+    cases, shown with their findings in English and their quoted reports)."""
     e = html.escape
     r = report
 
@@ -150,13 +174,29 @@ def render_html(report: Report, query_image=None, case_images: dict[int, str | P
         body.append('<div class="dropped"><h2>Removed by the citation check</h2><ul>' + "".join(
             f"<li>{e(d.where)}: {e(d.text)} — unknown case(s) {e(', '.join(map(str, d.unknown)))}</li>"
             for d in r.dropped_citations) + "</ul></div>")
+    if r.notes:
+        body.append('<div class="notes"><h2>Notes</h2><ul>' + "".join(f"<li>{e(n)}</li>" for n in r.notes)
+                    + "</ul></div>")
     ret = r.retrieval
     cited = set(r.cited_case_ids)
+    by_id = {n.case_id: n for n in neighbours or []}
+
+    def case_cells(cid: int) -> str:
+        n = by_id.get(cid)
+        if n is None:
+            return ""
+        found = "".join(f"<li>{e(f)}</li>" for f in case_findings(n))
+        quote = f'<blockquote class="orig">{e(repair_report(n.report))}</blockquote>' if n.report else ""
+        return f'<td><ul class="en">{found}</ul></td><td>{quote}</td>'
+
+    extra = "<th>Findings (English)</th><th>Report (original)</th>" if by_id else ""
     body.append(f"<h2>Retrieved cases</h2><p>k={ret.k}, index {e(ret.index_name or '-')}, "
                 f"encoder {e(ret.encoder_hash or '-')}</p><table><tr><th>Case</th><th>Source</th>"
-                "<th>Similarity</th><th>Cited</th></tr>" + "".join(
-                    f"<tr><td>{c.case_id}</td><td>{e(c.source)} {e(c.external_id)}</td><td>{c.score:.3f}</td>"
-                    f"<td>{'yes' if c.case_id in cited else ''}</td></tr>" for c in ret.cases) + "</table>")
+                f"<th>Similarity</th><th>Cited</th>{extra}</tr>" + "".join(
+                    f"<tr><td>{c.case_id}</td><td>{e(c.source)} {e(c.external_id)}</td>"
+                    f"<td>{e(similarity_text(c.score, by_id[c.case_id].similarity_pct if c.case_id in by_id else None))}"
+                    f"</td><td>{'yes' if c.case_id in cited else ''}</td>{case_cells(c.case_id)}</tr>"
+                    for c in ret.cases) + "</table>")
     paths = {c.case_id: c.image_path for c in ret.cases if c.image_path}
     paths.update(case_images or {})
     figs = [f"<figure>{_img_tag(paths[cid], f'case {cid}', 360)}<figcaption>case {cid}</figcaption></figure>"
@@ -168,9 +208,10 @@ def render_html(report: Report, query_image=None, case_images: dict[int, str | P
 
 
 def render_report(report: Report, fmt: str, **kwargs) -> str:
-    """`fmt` is text | json | html (`kwargs` go to `render_html`: query_image, case_images)."""
+    """`fmt` is text | json | html (`kwargs` go to `render_html`: query_image, case_images, neighbours; text
+    takes `neighbours` alone)."""
     if fmt == "text":
-        return render_text(report)
+        return render_text(report, kwargs.get("neighbours"))
     if fmt == "json":
         return report.to_json()
     if fmt == "html":

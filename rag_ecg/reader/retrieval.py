@@ -16,10 +16,13 @@ from rag_ecg.data.labels import FORM_CODES, RHYTHM_CODES, SUPERCLASS_NAMES, SUPE
 from rag_ecg.errors import BackendError, InputError
 from rag_ecg.reader.base import LLMBackend
 from rag_ecg.reader.report import Diagnosis, Report, RetrievalInfo, Statement, with_measurements
-from rag_ecg.search.evidence import ranked
+from rag_ecg.search.evidence import ranked, similarity_text
 
 if TYPE_CHECKING:
     from rag_ecg.search.evidence import Evidence, Neighbour
+
+
+OUT_OF_LIBRARY_PCT = 2.0  # a best match weaker than 98 % of real pictures' best matches: say so in the report
 
 
 @dataclass
@@ -130,6 +133,10 @@ class RetrievalBackend(LLMBackend):
         report = Report(rhythm=rhythm, findings=findings, diagnoses=diagnoses,
                         impression=self._impression(ns, diagnoses), backend=self.name, model=self.model,
                         retrieval=RetrievalInfo.from_evidence(evidence), parsed=True)
+        if ns and ns[0].similarity_pct is not None and ns[0].similarity_pct < OUT_OF_LIBRARY_PCT:
+            report.notes.append(f"Out of library: the closest reference case is less similar than "
+                                f"{100 - OUT_OF_LIBRARY_PCT:.0f} % of real pictures' best matches were; the "
+                                f"similar-case votes say little about this ECG.")
         return with_measurements(report, measurements, fill=True)
 
     def _impression(self, ns: list["Neighbour"], diagnoses: list[Diagnosis]) -> Statement | None:
@@ -137,7 +144,7 @@ class RetrievalBackend(LLMBackend):
             return None
         top = ns[: self.config.impression_cases]  # `ns` is ranked (see compose)
         quotes = "; ".join(f"[case {n.case_id}] \u201c{_excerpt(n.report, self.config.quote_chars)}\u201d "
-                           f"(similarity {float(n.score):.2f})" for n in top)
+                           f"(similarity {similarity_text(n.score, n.similarity_pct)})" for n in top)
         labels = ", ".join(f"{d.label} ({d.confidence:.2f})" for d in diagnoses if d.code is None)
         supported = f"Similar-case votes support: {labels}. " if labels else "No label reached the threshold. "
         return Statement(f"{supported}The most similar reference cases were reported as: {quotes}.",

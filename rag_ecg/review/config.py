@@ -10,9 +10,11 @@ STAGES = ("load", "embed", "search", "report")
 STATUSES = ("done", "unparsed", "error", "pending")  # a chart's status; unparsed: the answer held no report
 ENGINES = ("local", "ray")
 THUMBS = "thumbs"
+FULL_WIDTH = 1600  # px: the full-size chart (and trace overlay) the review page opens on a click
 # backend options that do not change a report (where the server is, how long to wait, secrets)
 RESULT_NEUTRAL_OPTIONS = frozenset({"base_url", "api_key", "timeout_s", "max_retries", "backoff_s",
-                                    "max_concurrency", "device"})
+                                    "max_concurrency", "device", "breaker_failures",
+                                    "breaker_cooldown_s"})
 
 
 class ReviewError(RagEcgError, RuntimeError):

@@ -1,11 +1,13 @@
-"""The batch review page: one self-contained `index.html` (inline CSS/JS/SVG, no network).
+"""The batch review page: one self-contained `index.html` per job (inline CSS/JS/SVG, no network).
 
-Why this shape: a reviewer opens the page from a shared folder or a laptop with no internet; everything
-but the thumbnails (small JPEGs under `thumbs/`, relative links) is inline. The summary shows counts by
-status and by superclass and a histogram of confidence as inline SVG; the table sorts on a header click
-(plain JS; `#sort=<column>[:desc]` in the URL sorts on load) and filters on typed text. After load a tiny
-script marks each <img> with `data-loaded="1"` when it decoded (naturalWidth > 0), so a headless browser
-can check the page.
+Why this shape: a reviewer opens the page from a shared folder or a laptop with no internet; everything but the
+pictures (JPEGs under `thumbs/`, relative links) is inline. The summary shows counts by status and by superclass
+and a histogram of confidence as inline SVG; the table sorts and filters. It is a tool to review with: any
+chart or neighbour opens full size (with the digitised traces a toggle away), each neighbour shows its findings
+in English beside its quoted report, labelled inputs show the truth beside the prediction (mismatches marked),
+a refused chart shows its picture and why, and each chart takes agree / disagree / a comment (kept in the
+browser, exported as CSV for `cli.py review-import`; imported ones come back pre-filled). Every text is
+escaped: chart names and report texts are data, never markup. CSS and script: `page_assets`.
 """
 from __future__ import annotations
 
@@ -16,74 +18,22 @@ from typing import Sequence
 from rag_ecg.data.labels import SUPERCLASSES
 from rag_ecg.reader.report import NOTICE
 from rag_ecg.review.config import STATUSES
+from rag_ecg.review.page_assets import CSS, JS
+from rag_ecg.search.evidence import similarity_text
 
 EAGER_ROWS = 60  # rows whose pictures load at once; later rows load lazily as they scroll into view
 
-COLUMNS = (  # (key, header, sort type)
-    ("id", "#", "num"), ("chart", "Chart", "text"), ("status", "Status", "text"),
-    ("measured", "Measured (rate, axis, intervals)", "num"), ("top", "Top diagnosis", "text"), ("confidence", "Confidence", "num"), ("diagnoses", "Diagnoses", "text"),
+COLUMNS = (  # (key, header, sort type); "truth" only when some chart has labels
+    ("id", "#", "num"), ("chart", "Chart", "text"), ("status", "Status", "text"), ("verdict", "Your verdict", "text"),
+    ("measured", "Measured (rate, axis, intervals)", "num"), ("truth", "Truth vs prediction", "num"),
+    ("top", "Top diagnosis", "text"), ("confidence", "Confidence", "num"), ("diagnoses", "Diagnoses", "text"),
     ("report", "Report", "text"), ("neighbours", "Similar cases", "num"), ("time", "Time (s)", "num"),
 )
 
-CSS = """
-:root{--ink:#1f2933;--muted:#616e7c;--line:#d9e2ec;--done:#1f7a4d;--error:#b42318;--pending:#8a6d00;--bar:#3e7cb1;
---unparsed:#8e3b8c}
-*{box-sizing:border-box}body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--ink);
-margin:0;padding:20px 28px;background:#fbfcfd}h1{font-size:22px;margin:0 0 4px}h2{font-size:16px;margin:0 0 8px}
-.meta{color:var(--muted);font-size:12px;margin-bottom:14px;word-break:break-all}.notice{color:var(--muted);font-size:12px}
-.summary{display:flex;flex-wrap:wrap;gap:18px;margin:12px 0 18px}.card{background:#fff;border:1px solid var(--line);
-border-radius:8px;padding:12px 14px}.counts{display:flex;gap:14px}.count b{display:block;font-size:24px}
-.count.done b{color:var(--done)}.count.error b{color:var(--error)}.count.pending b{color:var(--pending)}
-.count.unparsed b{color:var(--unparsed)}.badge.unparsed{background:var(--unparsed)}.dropped{color:var(--error)}
-pre.raw{white-space:pre-wrap;word-break:break-word;max-height:16em;overflow:auto;font-size:12px;margin:4px 0}
-svg text{font:11px system-ui,sans-serif;fill:var(--ink)}.tools{margin:8px 0}.tools input{padding:5px 8px;width:280px;
-border:1px solid var(--line);border-radius:6px}table{border-collapse:collapse;width:100%;background:#fff}
-th,td{border-bottom:1px solid var(--line);padding:6px 8px;vertical-align:top;text-align:left}
-th{position:sticky;top:0;background:#f0f4f8;cursor:pointer;user-select:none;white-space:nowrap}
-th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
-td.chart img{width:240px;border:1px solid var(--line);display:block}.key{font-size:12px;color:var(--muted);
-word-break:break-all;max-width:240px}.badge{border-radius:10px;padding:1px 8px;font-size:12px;color:#fff}
-.badge.done{background:var(--done)}.badge.error{background:var(--error)}.badge.pending{background:var(--pending)}
-.err{color:var(--error);max-width:380px;word-break:break-word}.nb{display:flex;flex-wrap:wrap;gap:6px;min-width:412px;
-max-width:520px}.nb figure{margin:0;width:98px}.nb img{width:98px;border:1px solid var(--line);display:block}
-.nb figcaption{font-size:11px;color:var(--muted)}.nothumb{width:98px;height:70px;border:1px dashed var(--line);
-color:var(--muted);font-size:11px;display:flex;align-items:center;justify-content:center}
-td.chart .nothumb{width:240px;height:48px}ul.dx{margin:0;padding-left:16px}details summary{cursor:pointer}
-.report{min-width:260px;max-width:420px}.measured{min-width:190px;max-width:260px;font-size:13px}
-.urgent{background:var(--error);color:#fff;font-weight:700;border-radius:4px;padding:2px 6px;display:inline-block;
-margin-bottom:4px}.card.urgent{display:block;border-color:var(--error);font-size:15px}.mx{color:var(--muted)}
-"""
-
-JS = """
-(function(){
-  var table=document.getElementById('results'), body=table.tBodies[0];
-  function val(tr,i,type){var td=tr.cells[i], v=td.getAttribute('data-sort'); if(v===null){v=td.textContent.trim();}
-    if(type==='num'){var n=parseFloat(v); return isNaN(n)?-Infinity:n;} return v.toLowerCase();}
-  function sortBy(i,desc){
-    var th=table.tHead.rows[0].cells[i], type=th.getAttribute('data-type');
-    var rows=Array.prototype.slice.call(body.rows);
-    rows.sort(function(a,b){var x=val(a,i,type), y=val(b,i,type); var c=x<y?-1:(x>y?1:0);
-      if(c===0){c=(+a.getAttribute('data-id'))-(+b.getAttribute('data-id'));} return desc?-c:c;});
-    rows.forEach(function(r){body.appendChild(r);});
-    Array.prototype.forEach.call(table.tHead.rows[0].cells,function(h){h.removeAttribute('aria-sort');});
-    th.setAttribute('aria-sort',desc?'descending':'ascending');
-    table.setAttribute('data-sorted',th.getAttribute('data-key')+(desc?':desc':''));
-  }
-  Array.prototype.forEach.call(table.tHead.rows[0].cells,function(th,i){
-    th.addEventListener('click',function(){sortBy(i,th.getAttribute('aria-sort')==='ascending');});});
-  var m=/(?:^#|&)sort=([a-z]+)(:desc)?/.exec(location.hash||'');
-  if(m){Array.prototype.forEach.call(table.tHead.rows[0].cells,function(th,i){
-    if(th.getAttribute('data-key')===m[1]){sortBy(i,!!m[2]);}});}
-  var filter=document.getElementById('filter');
-  filter.addEventListener('input',function(){var q=filter.value.toLowerCase();
-    Array.prototype.forEach.call(body.rows,function(r){r.style.display=r.textContent.toLowerCase().indexOf(q)<0?'none':'';});});
-  function mark(){var ok=0; Array.prototype.forEach.call(document.images,function(img){
-      var good=img.complete&&img.naturalWidth>0; img.setAttribute('data-loaded',good?'1':'0'); if(good){ok++;}});
-    document.body.setAttribute('data-images',document.images.length);
-    document.body.setAttribute('data-images-loaded',ok); document.body.setAttribute('data-ready','1');}
-  if(document.readyState==='complete'){mark();}else{window.addEventListener('load',mark);}
-})();
-"""
+LIGHTBOX = ("<div id='lightbox' hidden role='dialog' aria-modal='true' aria-label='full-size picture'>"
+            "<div class='lb-bar'><span id='lb-title'></span><button type='button' id='lb-overlay' hidden>"
+            "Show the read traces</button><button type='button' id='lb-close'>Close ✕</button></div>"
+            "<div class='lb-body'><div id='lb-info'></div></div></div>")
 
 
 def _e(x) -> str:
@@ -146,10 +96,14 @@ def histogram_svg(values: Sequence[float], bins: int = 10, width: int = 340, hei
     return "".join(parts)
 
 
-def _img(src: str | None, alt: str, lazy: bool) -> str:
+def _img(src: str | None, alt: str, lazy: bool, full: str | None = None, overlay: str | None = None,
+         why: str = "no picture") -> str:
+    """A picture that opens full size on a click (`data-full`; `data-overlay`: its read traces)."""
     if not src:
-        return '<div class="nothumb">no image</div>'
-    return f'<img src="{_e(src)}" alt="{_e(alt)}"{" loading=lazy" if lazy else ""}>'
+        return f'<div class="nothumb">{_e(why)}</div>'
+    extra = f' data-overlay="{_e(overlay)}"' if overlay else ""
+    return (f'<img class="zoom" src="{_e(src)}" data-full="{_e(full or src)}"{extra} data-title="{_e(alt)}" '
+            f'alt="{_e(alt)}" title="click: full size"{" loading=lazy" if lazy else ""}>')
 
 
 def _num(v, unit: str) -> str:
@@ -179,7 +133,60 @@ def _measured_html(row: dict) -> str:
     return "".join(parts)
 
 
-def _row_html(row: dict, lazy: bool) -> str:
+def _similarity(n: dict) -> str:
+    return similarity_text(float(n["score"]), n.get("similarity_pct"))
+
+
+def _neighbour_html(n: dict, lazy: bool) -> str:
+    """A neighbour: its picture (full size on a click), similarity, labels, findings in English, quoted report."""
+    cid = int(n["case_id"])
+    name = f"case {cid}" + (f" · {n.get('source')} {n.get('external_id')}" if n.get("source") else "")
+    statements = n.get("statements") or []
+    en = "".join(f'<li>{_e(text)} <span class="mx">({_e(code)}{f" {lik:g}" if lik else ""})</span></li>'
+                 for code, text, lik in statements)
+    report = n.get("report") or ""
+    info = (f'<div class="info"><ul class="en">{en}</ul>' if en else '<div class="info">')
+    if report:
+        info += (f'<details><summary>original report</summary><blockquote class="orig">{_e(report)}</blockquote>'
+                 "</details>")
+    info += "</div>"
+    return (f'<figure class="nbf" data-case="{cid}">{_img(n.get("thumb"), name, lazy, n.get("full"), why="no picture")}'
+            f'<figcaption>case {cid} · <span class="sim">{_e(_similarity(n))}</span><br>'
+            f'<b>{_e(" ".join(n.get("labels") or []) or "—")}</b>{info}</figcaption></figure>')
+
+
+def _truth_html(row: dict) -> tuple[str, str]:
+    """(cell, sort value): each superclass in the truth or the prediction, marked agreeing / missed / extra."""
+    truth = row.get("truth")
+    if truth is None:
+        return '<span class="mx">no labels</span>', ""
+    pred = set(row.get("predicted") or [])
+    if row.get("status") != "done":
+        return f'truth: {_e(" ".join(truth) or "none")}', ""
+    marks = []
+    for c in list(SUPERCLASSES) + sorted((set(truth) | pred) - set(SUPERCLASSES)):
+        if c in truth and c in pred:
+            marks.append(f'<li class="ok" data-mark="ok">{_e(c)} ✓</li>')
+        elif c in truth:
+            marks.append(f'<li class="miss" data-mark="missed">{_e(c)} missed</li>')
+        elif c in pred:
+            marks.append(f'<li class="extra" data-mark="extra">{_e(c)} not in truth</li>')
+    match = set(truth) == pred
+    head = "matches" if match else "mismatch"
+    return (f'<div class="{"ok" if match else "miss"}">{head}</div><div class="mx">truth: '
+            f'{_e(" ".join(truth) or "none")} · predicted: {_e(" ".join(sorted(pred)) or "none")}</div>'
+            f'<ul class="dx">{"".join(marks)}</ul>'), "1" if match else "0"
+
+
+def _verdict_html(row: dict) -> str:
+    rid = int(row["id"])
+    radios = "".join(f'<label><input type="radio" name="v-{rid}" value="{v}"> {v}</label>' for v in ("agree", "disagree"))
+    return (f'<td class="verdict"><div>{radios}<button type="button" class="vclear">clear</button></div>'
+            f'<textarea rows="2" placeholder="comment" aria-label="comment on chart {rid}"></textarea>'
+            '<div class="vstate"></div></td>')
+
+
+def _row_html(row: dict, lazy: bool, with_truth: bool) -> str:
     status = row["status"]
     diags = row.get("diagnoses") or []
     dx = "".join(f'<li>{_e(d.get("superclass") if d.get("code") is None else d.get("code"))} — {_e(d["label"])} '
@@ -206,19 +213,34 @@ def _row_html(row: dict, lazy: bool) -> str:
                                        f'{_e(", ".join(str(c) for c in d.get("unknown") or []))}</li>'
                                        for d in dropped) + "</ul></details>")
     nbs = row.get("neighbours") or []
-    nb_html = "".join(
-        f'<figure>{_img(n.get("thumb"), "case " + str(n["case_id"]), lazy)}<figcaption>case {int(n["case_id"])} · '
-        f'{float(n["score"]):.3f}<br>{_e(" ".join(n.get("labels") or []) or "—")}</figcaption></figure>'
-        for n in nbs)
+    nb_html = "".join(_neighbour_html(n, lazy) for n in nbs)
     top_score = max((float(n["score"]) for n in nbs), default=None)
     t = (row.get("timings") or {}).get("total")
+    chart_img = _img(row.get("thumb"), row["chart"], lazy, row.get("full"), row.get("overlay"),
+                     why="no picture")
+    refused = (f'<div class="refused">refused: {_e(row["error"])}</div>'
+               if status == "error" and row.get("thumb") and row.get("error") else "")
+    toggle = ('<label class="ovl"><input type="checkbox" class="overlay-toggle"> show the read traces</label>'
+              if row.get("overlay") and row.get("thumb") else "")
+    v = row.get("verdict") or {}
+    stored = (f' data-verdict="{_e(v.get("verdict"))}" data-comment="{_e(v.get("comment"))}"'
+              f' data-stored-at="{_e(v.get("decided_at"))}"' if v else "")
+    truth_cell = ""
+    mismatch = ""
+    if with_truth:
+        cell, key = _truth_html(row)
+        truth_cell = f'<td class="truth" data-sort="{key}">{cell}</td>'
+        mismatch = " mismatch" if key == "0" else ""
     return (
-        f'<tr class="chart-row" data-id="{int(row["id"])}" data-status="{_e(status)}">'
+        f'<tr class="chart-row{mismatch}" data-id="{int(row["id"])}" data-status="{_e(status)}" '
+        f'data-chart="{_e(row["chart"])}"{stored}>'
         f'<td data-sort="{int(row["id"])}">{int(row["id"])}</td>'
-        f'<td class="chart" data-sort="{_e(row["chart"])}">{_img(row.get("thumb"), row["chart"], lazy)}'
-        f'<div class="key">{_e(row["chart"])}</div></td>'
+        f'<td class="chart" data-sort="{_e(row["chart"])}"><figure class="chartfig" style="margin:0">{chart_img}'
+        f'</figure><div class="key">{_e(row["chart"])}</div>{toggle}{refused}</td>'
         f'<td data-sort="{_e(status)}"><span class="badge {_e(status)}">{_e(status)}</span></td>'
+        f'{_verdict_html(row)}'
         f'<td class="measured" data-sort="{_fmt(row.get("heart_rate_bpm"), 0)}">{_measured_html(row)}</td>'
+        f'{truth_cell}'
         f'<td>{_e(row.get("top_diagnosis") or "")}</td>'
         f'<td data-sort="{_fmt(row.get("top_confidence"), 4)}">{_fmt(row.get("top_confidence"))}</td>'
         f'<td data-sort="{len(diags)}"><ul class="dx">{dx}</ul></td>'
@@ -245,8 +267,16 @@ def render_page(job: dict, summary: dict, rows: Sequence[dict], title: str = "ra
     meta = (f"input {_e(job.get('input'))} · job {_e(job.get('id'))} ({_e(str(job.get('key', ''))[:12])}) · "
             f"backend {_e(rv.get('backend'))} · k {_e(rv.get('k'))} · index {_e(idx.get('path'))} "
             f"({_e(idx.get('count'))} cases) · status {_e(job.get('status'))}")
-    head = "".join(f'<th data-key="{k}" data-type="{t}">{_e(h)}</th>' for k, h, t in COLUMNS)
-    body = "".join(_row_html(r, lazy=i >= EAGER_ROWS) for i, r in enumerate(rows))
+    with_truth = any(r.get("truth") is not None for r in rows)
+    cols = [c for c in COLUMNS if with_truth or c[0] != "truth"]
+    head = "".join(f'<th data-key="{k}" data-type="{t}">{_e(h)}</th>' for k, h, t in cols)
+    body = "".join(_row_html(r, i >= EAGER_ROWS, with_truth) for i, r in enumerate(rows))
+    has_overlay = any(r.get("overlay") for r in rows)
+    mismatches = sum(1 for r in rows if r.get("truth") is not None and r.get("status") == "done"
+                     and set(r["truth"]) != set(r.get("predicted") or []))
+    truth_note = (f"<div class='card' id='truth-summary'>{mismatches} of "
+                  f"{sum(1 for r in rows if r.get('truth') is not None and r.get('status') == 'done')} labelled "
+                  f"charts' superclasses differ from the truth (marked red)</div>" if with_truth else "")
     urgent = list(summary.get("urgent") or [])
     alarm = (f"<div class='card urgent' id='urgent'>URGENT: {len(urgent)} chart(s) with ST elevation meeting the "
              f"STEMI criteria (measured): {_e(', '.join(urgent[:20]))}{' …' if len(urgent) > 20 else ''}</div>"
@@ -264,7 +294,13 @@ def render_page(job: dict, summary: dict, rows: Sequence[dict], title: str = "ra
         f"<div class='card'><h2>Confidence of the top diagnosis</h2>"
         f"{histogram_svg(summary.get('confidence') or [])}</div></section>"
         f"<p class='notice'>{_e(NOTICE)}</p>{shown_note}"
-        "<div class='tools'><input id='filter' type='search' placeholder='filter rows (text)'></div>"
-        f"<table id='results' data-total='{total}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-        f"<script type='application/json' id='summary-data'>{data}</script>"
+        f"{truth_note}<div class='tools'><input id='filter' type='search' placeholder='filter rows (text)'>"
+        + ("<label class='ovl'><input type='checkbox' id='overlay-all'> show the read traces on every chart</label>"
+           if has_overlay else "")
+        + "<button type='button' id='export-verdicts'>Export verdicts (CSV)</button><span id='verdict-tally' "
+        "class='mx'></span><span class='mx'>click a picture for full size · verdicts stay in this browser until "
+        "exported; <code>python cli.py review-import FILE.csv</code> stores them with the job</span></div>"
+        f"<table id='results' data-total='{total}' data-job-key='{_e(job.get('key') or '')}' "
+        f"data-job-id='{_e(job.get('id') or '')}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        f"{LIGHTBOX}<script type='application/json' id='summary-data'>{data}</script>"
         f"<script>{JS}</script></body></html>")

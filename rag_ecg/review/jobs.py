@@ -16,17 +16,49 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from sqlalchemy import func, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy import DateTime, ForeignKey, Integer, String, Text, delete, func, insert, or_, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from rag_ecg.data.store import Case, ReviewItem, ReviewJob, Store
+from rag_ecg.data.store import Base, Case, ReviewItem, ReviewJob, Store
 from rag_ecg.io import atomic_write
 from rag_ecg.review.config import STATUSES, THUMBS, ReviewConfig, ReviewError
 from rag_ecg.review.inputs import Chart
 from rag_ecg.review.pipeline import ChartResult
 
 log = logging.getLogger(__name__)
+
+
+class ReviewVerdict(Base):
+    """A reviewer's decision on one chart of a job (`review.verdicts` imports them): one row per chart, the latest."""
+
+    __tablename__ = "review_verdicts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("review_jobs.id"), index=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("review_items.id"), unique=True)
+    chart_key: Mapped[str] = mapped_column(Text)
+    verdict: Mapped[str | None] = mapped_column(String(16))  # agree | disagree | None (a comment alone)
+    comment: Mapped[str] = mapped_column(Text, default="")
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # when the reviewer decided
+    imported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+def ensure_verdict_table(store: Store) -> None:
+    """Create the verdict table in a store opened before this module was imported (safe when racing)."""
+    try:
+        ReviewVerdict.__table__.create(store.engine, checkfirst=True)
+    except DBAPIError:  # another process created it at the same moment
+        ReviewVerdict.__table__.create(store.engine, checkfirst=True)
+
+
+def job_verdicts(store: Store, job_id: int) -> dict[int, dict]:
+    """item id -> {verdict, comment, decided_at (ISO, UTC)} of the job's stored verdicts."""
+    ensure_verdict_table(store)
+    with store.session() as s:
+        rows = s.scalars(select(ReviewVerdict).where(ReviewVerdict.job_id == job_id)).all()
+    return {v.item_id: {"verdict": v.verdict or "", "comment": v.comment or "",
+                        "decided_at": _utc(v.decided_at).isoformat() if v.decided_at else ""} for v in rows}
 
 
 def job_key(descriptor: str, cfg: ReviewConfig, index: dict) -> str:
@@ -84,6 +116,9 @@ def add_items(store: Store, job_id: int, charts: Sequence[Chart], chunk: int = 1
                               neighbours=None, finished_at=None)
             s.execute(update(ReviewItem).where(ReviewItem.id == have[c.key][0]).values(**values))
     if replaced:
+        ensure_verdict_table(store)
+        with store.session() as s:  # a reviewer's verdict was on the old file: it goes with the old result
+            s.execute(delete(ReviewVerdict).where(ReviewVerdict.item_id.in_([have[c.key][0] for c in replaced])))
         log.info("%d chart(s) replaced since the last run are reviewed again, e.g. %s", len(replaced),
                  replaced[0].key)
     return len(new)
@@ -183,8 +218,12 @@ def commit_results(store: Store, out_dir: Path, results: Sequence[ChartResult], 
     with store.session() as s:
         _hold(s, lease)
         for r in results:
-            if r.thumb:
-                write_thumb(out_dir, f"chart-{r.item_id}.jpg", r.thumb)
+            for name, data in ((f"chart-{r.item_id}.jpg", r.thumb), (f"chart-{r.item_id}-full.jpg", r.full),
+                               (f"chart-{r.item_id}-overlay.jpg", r.overlay)):
+                if data:
+                    write_thumb(out_dir, name, data)
+            if r.full and not r.overlay:  # opened again, no traces read this time: no stale overlay of an old file
+                (out_dir / THUMBS / f"chart-{r.item_id}-overlay.jpg").unlink(missing_ok=True)
         now = datetime.now(timezone.utc)
         for r in results:
             item = s.get(ReviewItem, r.item_id)

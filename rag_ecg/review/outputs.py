@@ -26,6 +26,7 @@ from rag_ecg.review.config import STAGES, STATUSES, THUMBS, ReviewConfig
 from rag_ecg.review.inputs import chart_kind
 from rag_ecg.review.jobs import case_meta, write_thumb
 from rag_ecg.review.loader import jpeg_bytes, open_chart
+from rag_ecg.review.page_data import attach_page_data
 
 MEASURE_COLUMNS = ("heart_rate_bpm", "rr_irregular", "qrs_axis_deg", "pr_ms", "qrs_ms", "qt_ms", "qtc_bazett_ms",
                    "qtc_fridericia_ms", "stemi_criteria")
@@ -160,6 +161,7 @@ def write_outputs(store: Store, job_id: int, out_dir: Path, cfg: ReviewConfig,
             if len(shown) < cfg.html_rows:
                 shown.append(row)
     _attach_thumbs(store, out_dir, shown, cfg, job_info)
+    attach_page_data(store, out_dir, shown, job_info)  # full size, overlays, neighbours' findings, truth, verdicts
     html_path = out_dir / "index.html"
     atomic_write(html_path, review_html.render_page(job_info, summary, shown))
     manifest = {"job": job_info, "counts": summary["by_status"], "total": summary["total"],

@@ -56,12 +56,15 @@ class ChartResult:
     report: dict | None = None  # Report.to_dict()
     neighbours: list[dict] | None = None
     thumb: bytes | None = None
+    full: bytes | None = None  # the chart FULL_WIDTH px wide, for the page's full-size view
+    overlay: bytes | None = None  # a digitised picture with its read traces drawn over it
 
 
 def neighbour_rows(evidence: Evidence) -> list[dict]:
     """The neighbours as stored with a chart (scores rounded: they are for people and sorting)."""
     return [{"case_id": int(n.case_id), "score": round(float(n.score), 6), "source": n.source,
-             "external_id": n.external_id, "labels": list(n.labels), "image_path": n.image_path}
+             "external_id": n.external_id, "labels": list(n.labels), "image_path": n.image_path,
+             "similarity_pct": n.similarity_pct}
             for n in evidence.neighbours]
 
 
@@ -175,7 +178,7 @@ class ChartPipeline:
     def process(self, loaded: Sequence[Loaded]) -> list[ChartResult]:
         """Loaded charts -> results (errors recorded per chart)."""
         results = {l.item_id: ChartResult(l.item_id, "error", l.error, open_timings(l.load_s, l.open_s),
-                                          thumb=l.thumb) for l in loaded}
+                                          thumb=l.thumb, full=l.full, overlay=l.overlay) for l in loaded}
         ok = [l for l in loaded if l.error is None]
         emb, t_embed = self.embed([l.pixels for l in ok])
         evs, t_search = self.search(emb, [l.patient_id for l in ok])
@@ -228,5 +231,6 @@ def check_backend(backend: str, results: Sequence[ChartResult]) -> None:
     reached = [r for r in results if "report" in r.timings]
     failed = [r for r in reached if r.status == "pending"]
     if failed and len(failed) == len(reached):
-        raise BackendError(f"backend {backend}: every chart of the last batch failed ({failed[0].error}); "
+        why = next((r.error for r in failed if "is unreachable" in (r.error or "")), failed[0].error)  # breaker
+        raise BackendError(f"backend {backend}: every chart of the last batch failed ({why}); "
                            f"they stay pending: fix the backend and re-run")

@@ -99,6 +99,8 @@ class LoadEmbed:
             "error": np.array([x.error or "" for x in loaded], dtype=object),
             "patient": np.array([x.patient_id or "" for x in loaded], dtype=object),
             "thumb": np.array([x.thumb or b"" for x in loaded], dtype=object),
+            "full": np.array([x.full or b"" for x in loaded], dtype=object),
+            "overlay": np.array([x.overlay or b"" for x in loaded], dtype=object),
             "image": np.array([_png(x.image) for x in loaded], dtype=object),
             "measured": np.array([json.dumps(x.measurements) if x.measurements is not None else ""
                                   for x in loaded], dtype=object),
@@ -183,7 +185,8 @@ def results_from_batch(batch: dict[str, np.ndarray]) -> list[ChartResult]:
             item_id=int(batch["item_id"][n]), status=status, error=str(batch["error"][n]) or None,
             timings=timings, report=json.loads(batch["report"][n]) if batch["report"][n] else None,
             neighbours=json.loads(batch["neighbours"][n]) if batch["neighbours"][n] else None,
-            thumb=bytes(batch["thumb"][n]) or None))
+            thumb=bytes(batch["thumb"][n]) or None, full=bytes(batch["full"][n]) or None,
+            overlay=bytes(batch["overlay"][n]) or None))
     return out
 
 

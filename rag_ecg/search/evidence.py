@@ -31,6 +31,13 @@ class Neighbour:
     sex: str | None = None
     patient_id: str | None = None
     image_path: str | None = None  # a rendered page of the case, when the index kept one
+    similarity_pct: float | None = None  # % of the library's own case pairs less similar than this (0-100)
+
+
+def similarity_text(score: float, pct: float | None) -> str:
+    """"0.931 · closer than 97 % of best matches": the cosine, and where it stands among the best matches real
+    pictures found (`Calibration.percentile`; only when the index knows it) — the cosine alone crowds near 1."""
+    return f"{score:.3f}" if pct is None else f"{score:.3f} · closer than {pct:.0f} % of best matches"
 
 
 def ranked(neighbours: Iterable[Neighbour]) -> list[Neighbour]:

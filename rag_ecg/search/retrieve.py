@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 from sqlalchemy import select
 
 from rag_ecg.data.labels import SUPERCLASSES
 from rag_ecg.data.store import Case, Store, scp_descriptions
+from rag_ecg.data.text_repair import repair_report
 from rag_ecg.encoder.model import ECGEncoder
 from rag_ecg.errors import ArtifactError, InputError
 from rag_ecg.eval.metrics import vote_scores
@@ -74,15 +76,20 @@ class Retriever:
     def search_texts(self, texts: Sequence[str], k: int = 8, **filters) -> list[Evidence]:
         """Report text -> cases whose reports (text index) or pages (image index) match it."""
         index = self.text_index or self.image_index
-        return self.search_embeddings(self.encoder.embed_texts(list(texts)), k, index=index, **filters)
+        return self.search_embeddings(self.encoder.embed_texts(list(texts)), k, index=index, images=False,
+                                      **filters)
 
     def search_embeddings(self, emb: np.ndarray, k: int = 8,
                           exclude_patients: Sequence[str | None] | None = None,
-                          source: str | None = None, index: VectorIndex | None = None) -> list[Evidence]:
-        """(n, d) normalised query embeddings -> one Evidence per query (neighbours best first)."""
+                          source: str | None = None, index: VectorIndex | None = None,
+                          images: bool = True) -> list[Evidence]:
+        """(n, d) normalised query embeddings -> one Evidence per query (neighbours best first).
+
+        `images`: the queries are picture embeddings, so the encoder's superclass head may join the vote."""
         index = index or self.image_index
         emb = np.asarray(emb, dtype=np.float32)
         n = len(emb)
+        heads = self._head_logits(emb) if images else [None] * n
         exclude = list(exclude_patients) if exclude_patients is not None else [None] * n
         vote_k = max(k, self.calibration.k)
         want = vote_k
@@ -94,7 +101,7 @@ class Retriever:
             if all(len(x) >= vote_k for x in kept) or fetch >= index.ntotal:
                 break
             want *= 4
-        return [self._evidence(hits, cases, k) for hits in kept]
+        return [self._evidence(hits, cases, k, head) for hits, head in zip(kept, heads)]
 
     def check(self, evidence: Evidence) -> None:
         """Raise NotAnECGError when the best match is further than any real ECG page was from the library."""
@@ -104,6 +111,16 @@ class Retriever:
                                 f"{floor:.3f}, the lowest seen for real ECG pages: not an ECG?")
 
     # ---- internals -----------------------------------------------------------------------------------
+    def _head_logits(self, emb: np.ndarray) -> list:
+        """Per query, the encoder head's superclass logits when the calibration fuses them (else None)."""
+        enc = self.encoder
+        if not self.calibration.fusion or getattr(enc, "aux_head", None) is None \
+                or tuple(enc.aux_classes) != tuple(SUPERCLASSES):
+            return [None] * len(emb)
+        with torch.inference_mode():
+            out = enc.aux_logits(torch.from_numpy(emb).to(enc.device)).float().cpu().numpy()
+        return list(out)
+
     def _cases(self, ids: set[int]) -> dict[int, Case]:
         if not ids:
             return {}
@@ -126,7 +143,7 @@ class Retriever:
                 break
         return out
 
-    def _evidence(self, hits: list[tuple[float, Case]], cases, k: int) -> Evidence:
+    def _evidence(self, hits: list[tuple[float, Case]], cases, k: int, head=None) -> Evidence:
         cal = self.calibration
         voters = hits[:cal.k]
         scores = np.array([[s for s, _ in voters]]) if voters else np.zeros((1, 0))
@@ -138,7 +155,8 @@ class Retriever:
         cod = vote_scores(scores, yc.reshape(1, len(voters), len(codes)), cal.temperature)[0] if voters else []
         return Evidence(
             neighbours=[self._neighbour(s, c) for s, c in hits[:k]],
-            superclass_scores={lab: cal.probability(lab, float(v)) for lab, v in zip(labels, sup)},
+            superclass_scores={lab: cal.probability(lab, float(v), None if head is None else float(head[j]))
+                               for j, (lab, v) in enumerate(zip(labels, sup))},
             code_scores={code: float(v) for code, v in zip(codes, cod)},
             thresholds=dict(cal.thresholds or {}), k=k, index_name=self.name,
             encoder_hash=self.encoder.checkpoint_hash,
@@ -147,9 +165,10 @@ class Retriever:
     def _neighbour(self, score: float, c: Case) -> Neighbour:
         page = self.index_dir / "pages" / f"{c.id}.jpg"
         return Neighbour(
-            case_id=c.id, score=score, source=c.source, external_id=c.external_id, report=c.report,
+            case_id=c.id, score=score, source=c.source, external_id=c.external_id, report=repair_report(c.report),
             codes=dict(c.codes or {}), labels=list(c.labels or []), age=c.age, sex=c.sex,
             patient_id=c.patient_id, image_path=str(page) if page.exists() else None,
+            similarity_pct=self.calibration.percentile(score),
             code_descriptions={code: self._descriptions[code] for code in (c.codes or {})
                                if code in self._descriptions},
         )

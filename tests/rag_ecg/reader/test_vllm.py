@@ -93,11 +93,14 @@ def test_always_500_fails_after_retries_with_a_clear_error(evidence):
 
 
 def test_400_is_not_retried(evidence):
-    with OpenAITestServer() as srv:
-        srv.always_status = 400
-        with pytest.raises(BackendError, match=r"rejected the request to generate \(HTTP 400: injected HTTP 400\)"):
-            client(srv, model="tiny-llava").generate(build_messages(evidence, None), [])
-    assert len(srv.requests) == 1
+    """A 400 is not a transient failure; with the JSON schema sent it is asked once more without it (the
+    server may not constrain decoding), never more."""
+    for structured, sent in ((False, 1), (True, 2)):
+        with OpenAITestServer() as srv:
+            srv.always_status = 400
+            with pytest.raises(BackendError, match=r"rejected the request to generate \(HTTP 400: injected HTTP 400\)"):
+                client(srv, model="tiny-llava", structured=structured).generate(build_messages(evidence, None), [])
+        assert len(srv.requests) == sent and "response_format" not in srv.requests[-1]
 
 
 def test_unknown_model_is_a_4xx_error(evidence):

@@ -112,7 +112,8 @@ def test_rerun_resumes_the_finished_job_without_redoing_anything(review_env, uni
     assert s.key == uninterrupted["summary"]["key"]
     after = rows_of(tmp_path / "out2")  # outputs regenerated into the new folder, thumbnails re-made
     assert {k: comparable(v) for k, v in after.items()} == {k: comparable(v) for k, v in before.items()}
-    assert len(list((tmp_path / "out2" / "thumbs").glob("chart-*.jpg"))) == 8  # 7 good + the gradient
+    assert len(list((tmp_path / "out2" / "thumbs").glob("chart-*[0-9].jpg"))) == 8  # 7 good + the gradient (thumbnails)
+    assert len(list((tmp_path / "out2" / "thumbs").glob("chart-*-full.jpg"))) == 8  # ... and full size
 
 
 def test_a_job_last_run_by_another_rag_ecg_version_tries_its_error_rows_again(review_env, uninterrupted, tmp_path,
@@ -380,7 +381,7 @@ def test_awkward_folder_review_gives_every_file_a_row_and_reads_nothing_outside(
     store = open_store(url)
     with store.session() as ses:
         ids = {i.chart_key: i.id for i in ses.query(ReviewItem)}
-    thumbs = {p.name for p in (out / "thumbs").glob("chart-*.jpg")}
+    thumbs = {p.name for p in (out / "thumbs").glob("chart-*[0-9].jpg")}
     assert thumbs == {f"chart-{ids[k]}.jpg" for k in ("page.png", "page.gif", "rec/04385_lr.hea", "link-in.png")}
     assert "caf\\xe9.png" in (out / "results.csv").read_text() and "secret" not in (out / "index.html").read_text()
 
@@ -390,5 +391,5 @@ def test_awkward_folder_review_gives_every_file_a_row_and_reads_nothing_outside(
     assert s2.key == s.key and s2.resumed and s2.total == s.total == len(rows)
     again = rows_of(out)
     assert {k: again[k]["error"] for k in rejected} == {k: rows[k]["error"] for k in rejected}
-    assert {p.name for p in (out / "thumbs").glob("chart-*.jpg")} == thumbs
+    assert {p.name for p in (out / "thumbs").glob("chart-*[0-9].jpg")} == thumbs
     store.dispose()
