@@ -68,7 +68,7 @@ class CaseRef:
     external_id: str = ""
     score: float = 0.0
     image_path: str | None = None
-    similarity_pct: float | None = None  # % of real pictures' best matches less similar (see Calibration.percentile)
+    similarity_pct: float | None = None  # % of held-out pictures' best matches less similar (see Calibration.percentile)
 
 
 @dataclass

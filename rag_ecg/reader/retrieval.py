@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from rag_ecg.search.evidence import Evidence, Neighbour
 
 
-OUT_OF_LIBRARY_PCT = 2.0  # a best match weaker than 98 % of real pictures' best matches: say so in the report
+OUT_OF_LIBRARY_PCT = 2.0  # a best match weaker than 98 % of held-out pictures' best matches: say so in the report
 
 
 @dataclass
@@ -134,9 +134,9 @@ class RetrievalBackend(LLMBackend):
                         impression=self._impression(ns, diagnoses), backend=self.name, model=self.model,
                         retrieval=RetrievalInfo.from_evidence(evidence), parsed=True)
         if ns and ns[0].similarity_pct is not None and ns[0].similarity_pct < OUT_OF_LIBRARY_PCT:
-            report.notes.append(f"Out of library: the closest reference case is less similar than "
-                                f"{100 - OUT_OF_LIBRARY_PCT:.0f} % of real pictures' best matches were; the "
-                                f"similar-case votes say little about this ECG.")
+            report.notes.append(f"Out of library: this ECG's closest reference case is a weaker match than "
+                                f"{100 - OUT_OF_LIBRARY_PCT:.0f} % of held-out ECGs drawn as pictures found; the "
+                                f"similar-case votes say little about it.")
         return with_measurements(report, measurements, fill=True)
 
     def _impression(self, ns: list["Neighbour"], diagnoses: list[Diagnosis]) -> Statement | None:

@@ -42,7 +42,7 @@ class Calibration:
         """% of the calibration queries whose best match was less similar than `score` (None: not fitted).
 
         Similarities of trace embeddings crowd near 1 (0.98-0.999), so the raw cosine cannot tell a
-        near-duplicate from a weak match; this scale can: 50 is a typical best match for a real picture."""
+        near-duplicate from a weak match; this scale can: 50 is a typical best match for a held-out ECG drawn as a picture."""
         if not self.reference_top:
             return None
         q = np.asarray(self.reference_top, float)

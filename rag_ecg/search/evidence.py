@@ -35,7 +35,7 @@ class Neighbour:
 
 
 def similarity_text(score: float, pct: float | None) -> str:
-    """"0.931 · closer than 97 % of best matches": the cosine, and where it stands among the best matches real
+    """"0.931 · closer than 97 % of best matches": the cosine, and where it stands among the best matches held-out
     pictures found (`Calibration.percentile`; only when the index knows it) — the cosine alone crowds near 1."""
     return f"{score:.3f}" if pct is None else f"{score:.3f} · closer than {pct:.0f} % of best matches"
 

@@ -116,3 +116,17 @@ def test_citations_of_near_tied_neighbours_do_not_depend_on_their_order_or_float
     norm = next(d for d in forward.diagnoses if d.superclass == "NORM" and d.code is None)
     assert norm.cited == [1000, 1001, 1002, 1003]
     assert forward.impression.cited == [1000, 1001, 1002]  # the most similar: the tie cut by case id
+
+
+def test_similarity_scale_is_quoted_and_a_weak_best_match_is_flagged_out_of_library(ptbxl_dir):
+    ev = ptbxl_evidence(ptbxl_dir, NORMAL_IDS)
+    for n, pct in zip(ev.neighbours, (55.0, 40.0, 30.0, 20.0, 10.0, 5.0)):
+        n.similarity_pct = pct
+    r = interpret(None, ev, get_backend("retrieval"))
+    assert "closer than 55 % of best matches" in r.impression.text and not r.notes
+    assert r.retrieval.cases[0].similarity_pct == 55.0
+    for n in ev.neighbours:
+        n.similarity_pct = 1.0  # weaker than 98 % of held-out pictures' best matches
+    far = interpret(None, ev, get_backend("retrieval"))
+    assert any(note.startswith("Out of library") for note in far.notes)
+    assert [d.superclass for d in far.diagnoses] == [d.superclass for d in r.diagnoses]  # a note, not a refusal
