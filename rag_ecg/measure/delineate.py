@@ -5,8 +5,10 @@ and the median beat of each lead averages the digitiser's pixel noise over its b
 spatial velocity (sum over leads of |slope|, 40-Hz low-passed) stands above a share of its peak; the T end is
 the tangent at the steepest fall of the spatial T magnitude (root of the summed squares of the leads' 15-Hz
 low-passed deviation from the PR baseline) crossing zero (the PR baseline); the P onset is where the spatial P magnitude
-rises above a share of its peak. The shares were set on LUDB records 1-50 (bench/measure.py prints records
-51-100 apart).
+rises above a share of its peak. The velocity's floor is its median over the beat window: a drawn trace read off a
+page ripples (pen width, pixel steps) all along the beat, and a low percentile (the ripple's troughs) put the QRS
+thresholds inside the ripple, so the QRS ran on into it (+10-15 ms on clean pages; signals: unchanged). The
+shares were set on LUDB records 1-50 (bench/measure.py prints records 51-100 apart).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from rag_ecg.measure.signal import finite_runs
 QRS_ON_SHARE = 0.05  # QRS onset: spatial velocity rises above this share of its QRS peak (over its floor)
 QRS_OFF_SHARE = 0.05  # QRS offset: ... and falls below this share, for QUIET_S
 QUIET_S = 0.012
+FLOOR_PCT = 50  # the velocity floor: its median over the beat window, not a low percentile (see module doc)
 P_ON_SHARE = 0.20  # P onset: spatial P magnitude rises above this share of the P peak (over its floor)
 MIN_P_MV = 0.04  # a P wave's spatial magnitude below this (mV): no P wave to measure a PR from
 T_SEARCH_S = (0.08, 0.65)  # T wave searched from QRS offset + 80 ms to the fiducial + 650 ms (or 0.8 RR) ...
@@ -67,7 +70,7 @@ def delineate(med: np.ndarray, r: int, fs: float, rr_s: float | None) -> Fiducia
     sv[~np.isfinite(lp).all(axis=1)] = np.nan
     lo, hi = r - int(80 * ms), r + int(80 * ms)
     peak = lo + int(np.nanargmax(sv[lo:hi]))
-    floor = float(np.nanpercentile(sv, 10))
+    floor = float(np.nanpercentile(sv, FLOOR_PCT))
     height = float(sv[peak]) - floor
     on_thr = floor + QRS_ON_SHARE * height
     off_thr = floor + QRS_OFF_SHARE * height
