@@ -461,7 +461,7 @@ def eval_cmd(data: Path = typer.Option(..., help="PTB-XL-like folder, LUDB-like 
     res = run_eval(labelled, out, _store(db), index, cfg)
     table = Table(title=f"{res['set']}: {res['charts']} charts, {backend} reader (PTB-XL superclasses)")
     for col in ["preset", "charts"] + [name for _, name in TABLE_COLUMNS]:
-        table.add_column(col, justify="left" if col == "preset" else "right")
+        table.add_column(col, justify="left" if col == "preset" else "right", overflow="fold")
     for row in table_rows(res):
         table.add_row(*row)
     console.print(table)
@@ -526,7 +526,7 @@ def quickstart(data: Path = typer.Option(None, help="folder holding ptbxl/ and/o
     table = Table(title=f"retrieval reader on {m.get('charts', 0)} fold-9 photo charts (PTB-XL superclasses)")
     cols = [(key, name) for key, name in TABLE_COLUMNS if m.get(key) is not None]
     for _, name in cols:
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", overflow="fold")  # intervals wrap, never cut
     if m.get("charts"):
         table.add_row(*[figure(m, key) for key, _ in cols])  # with its bootstrap 95 % interval
     console.print(table)
