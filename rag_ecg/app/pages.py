@@ -100,10 +100,12 @@ def measurements_table(m: dict) -> str:
              ("STEMI criteria", e(", ".join(m.get("stemi_criteria") or [])) or "none met")]
     out = ('<table id="measurements"><tr>' + "".join(f"<th>{k}</th>" for k, _ in cells) + "</tr><tr>"
            + "".join(f"<td>{v}</td>" for _, v in cells) + "</tr></table>")
-    st = m.get("st_mv") or {}
-    if st:
-        out += ("<table><tr><th>ST (mV)</th>" + "".join(f"<th>{e(ld)}</th>" for ld in st) + "</tr><tr><td></td>"
-                + "".join(f"<td>{_num(v)}</td>" for v in st.values()) + "</tr></table>")
+    rows = [(what, m.get(key) or {}) for what, key in (("at J (mV)", "st_j_mv"), ("at J+60 ms (mV)", "st_mv"))]
+    leads = list(dict.fromkeys(ld for _, st in rows for ld in st))
+    if leads:  # the STEMI criteria read the J point; J+60 ms is shown as measuring programs print it
+        out += ("<table><tr><th>ST</th>" + "".join(f"<th>{e(ld)}</th>" for ld in leads) + "</tr>"
+                + "".join(f"<tr><td>{what}</td>" + "".join(f"<td>{_num(st.get(ld))}</td>" for ld in leads) + "</tr>"
+                          for what, st in rows if st) + "</table>")
     why = m.get("not_measured") or {}
     if why:
         out += '<p class="muted">Not measured: ' + "; ".join(f"{e(k)}: {e(str(v))}" for k, v in why.items()) + "</p>"

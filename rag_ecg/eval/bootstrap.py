@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from rag_ecg.eval.metrics import scored_classes
+
 Stat = Callable[[np.ndarray], np.ndarray]  # (B, n) chart multiplicities -> (B,) values
 
 RESAMPLES = 1000
@@ -58,9 +60,11 @@ def macro_auc_stat(y_true: np.ndarray, scores: np.ndarray) -> Stat:
 
 
 def macro_f1_stat(y_true: np.ndarray, y_pred: np.ndarray) -> Stat:
-    """Mean over classes of 2TP / (2TP + FP + FN), 0 for a class neither present nor predicted."""
+    """Mean of 2TP / (2TP + FP + FN) over the classes the whole set has positives of (`scored_classes`), 0 for
+    one a resample neither holds nor predicts."""
     y, p = np.asarray(y_true).astype(bool), np.asarray(y_pred).astype(bool)
-    tp_c, err_c = (y & p).astype(float), (y != p).astype(float)
+    keep = scored_classes(y)
+    tp_c, err_c = (y & p)[:, keep].astype(float), (y != p)[:, keep].astype(float)
 
     def stat(w: np.ndarray) -> np.ndarray:
         tp, err = w @ tp_c, w @ err_c  # (B, c)

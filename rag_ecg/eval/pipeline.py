@@ -3,8 +3,8 @@
 This measures what a user gets (load -> encode -> retrieve -> reader -> report), not the encoder alone:
 each preset is a resumable review job over the same charts, and the reports it stored are scored against
 the records' own labels, ECGBench-style (PTB-XL superclasses: macro AUC from scores; macro AUC, F1 and
-Hamming loss from the report's binarised statements), plus report label F1 (SCP statements asserted vs
-the record's) and citation validity: the share of the case ids the reader cited that were retrieved, counted
+Hamming loss from the report's binarised statements; AUC and F1 average over the classes the set holds), plus
+report label F1 (SCP statements asserted vs the record's) and citation validity: the share of the case ids the reader cited that were retrieved, counted
 before the citation check dropped the statements citing unknown cases (and how many it dropped). An answer
 that held no report (review status `unparsed`) is scored as a report that asserts nothing.
 
@@ -383,4 +383,7 @@ def markdown(result: dict) -> str:
     prev = next(iter(result["presets"].values()), {}).get("prevalence")
     if prev:
         lines += ["", "prevalence: " + ", ".join(f"{k} {v:.2f}" for k, v in prev.items())]
+        absent = [k for k, v in prev.items() if not v]
+        if absent:
+            lines += [f"no chart carries {', '.join(absent)}: AUC and F1 average over the other classes"]
     return "\n".join(lines) + "\n"

@@ -20,7 +20,7 @@ from rag_ecg.measure.signal import FS, to_working_rate
 from rag_ecg.measure.stemi import stemi_leads, stemi_pairs
 
 ST_OFFSET_S = 0.06  # ST measured at J + 60 ms
-ST_FOR_STEMI = "j60"  # which ST the STEMI flag reads: "j" (the J point) or "j60" (bench/measure.py compares)
+ST_FOR_STEMI = "j"  # the flag reads ST at the J point, as the criteria are written (J+60 over-calls: see stemi.py)
 PR_BASELINE_S = (0.03, 0.01)  # the PR baseline: from 30 to 10 ms before the QRS onset
 POINT_S = 0.004  # a point value is the mean over +-4 ms
 PLAUSIBLE = {"qrs_ms": (40, 250), "pr_ms": (60, 400), "qt_ms": (200, 700)}

@@ -34,6 +34,7 @@ class Reference:
     qrs_axis_deg: float | None
     beats: np.ndarray  # QRS peak samples (median over leads) of the marked beats
     span: tuple[int, int]  # first and last marked sample
+    st_j_mv: dict[str, float] | None = None  # lead -> ST at the marked J point (QRS offset) vs the PR baseline
 
 
 def _waves(base: Path, ext: str) -> dict[str, list[tuple[int, int, int]]]:
@@ -83,8 +84,9 @@ def read_reference(base: str | Path, signal_mv: np.ndarray | None = None, fs: fl
     rr = np.diff(peaks_a) / fs
     rr = rr[rr < 2.0]
     hr = 60.0 / float(np.median(rr)) if len(rr) else None
-    axis = None
+    axis, st_j = None, None
     if signal_mv is not None and ons:
+        st_j = _st_at_marks(signal_mv, ons, offs, fs)
         areas = {}
         for ld in HEXAXIAL_DEG:
             x = signal_mv[:, STANDARD_LEADS.index(ld)]
@@ -97,4 +99,22 @@ def read_reference(base: str | Path, signal_mv: np.ndarray | None = None, fs: fl
         axis, _ = frontal_axis(areas)
     span = (int(min(m[1] for g in groups for m in g)), int(max(m[2] for g in groups for m in g))) if groups else (0, 0)
     return Reference(base.name, hr, _median_or_none(prs), _median_or_none(qrss), _median_or_none(qts), axis,
-                     peaks_a.astype(int), span)
+                     peaks_a.astype(int), span, st_j)
+
+
+def _st_at_marks(signal_mv: np.ndarray, ons: list[float], offs: list[float], fs: float) -> dict[str, float]:
+    """Per lead, the median over beats of the signal at the marked QRS offset (the J point, +-4 ms) minus its
+    PR baseline (30 to 10 ms before the marked QRS onset): the ST the cardiologists' own marks give."""
+    out = {}
+    h = int(round(0.004 * fs))
+    for i, ld in enumerate(STANDARD_LEADS):
+        x = signal_mv[:, i]
+        vals = []
+        for on, off in zip(ons, offs):
+            a, j = int(round(on)), int(round(off))
+            lo, hi = a - int(round(0.03 * fs)), a - int(round(0.01 * fs))
+            if lo >= 0 and j + h < len(x):
+                vals.append(float(np.mean(x[j - h:j + h + 1]) - np.median(x[lo:hi])))
+        if vals:
+            out[ld] = float(np.median(vals))
+    return out

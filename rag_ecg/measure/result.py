@@ -68,6 +68,7 @@ class Measurements:
         out.update({k: v.rounded() for k, v in scalars.items()})
         out["rr_irregular"] = None if self.rr_irregular.value is None else bool(self.rr_irregular.value)
         out["st_mv"] = {ld: self.st_mv[ld].rounded(3) for ld in STANDARD_LEADS if ld in self.st_mv}
+        out["st_j_mv"] = {ld: self.st_j_mv[ld].rounded(3) for ld in STANDARD_LEADS if ld in self.st_j_mv}
         out["stemi_criteria"] = self.stemi_criteria
         out["leads_used"] = self.leads_used()
         out["confidence"] = {k: round(v.confidence, 2) for k, v in {**scalars, "rr_irregular": self.rr_irregular}.items()}
@@ -80,5 +81,5 @@ class Measurements:
 def failed(input_name: str, error: str) -> dict:
     """The JSON object of an input that could not be measured: every measurement null, `error` its one line."""
     keys = ("heart_rate_bpm", "rr_irregular", "qrs_axis_deg", "pr_ms", "qrs_ms", "qt_ms", "qtc_bazett_ms",
-            "qtc_fridericia_ms", "st_mv", "stemi_criteria", "leads_used")
+            "qtc_fridericia_ms", "st_mv", "st_j_mv", "stemi_criteria", "leads_used")
     return {"input": input_name, **{k: None for k in keys}, "error": error}

@@ -8,6 +8,10 @@ second look). "New" cannot be told from one tracing: the flag says the criteria 
 Contiguous pairs: neighbours in V1-V6; the inferior leads II, aVF, III among themselves; the high lateral
 leads I and aVL; and V6 with I (both lateral). aVR is left out (its ST elevation with diffuse depression is a
 different pattern, not a territorial STEMI), as are V7-V9 and the right-sided leads no 12-lead print carries.
+
+Read at the J point, as the criteria are written, not at J+60 ms: in healthy precordial leads the ST has
+already climbed into a tall T wave 60 ms after J. On 27 real hospital printouts (real-pictures/khan) the flag
+at J+60 fired on 4 of 9 normal ECGs (V2-V5), at J on none, while still flagging all 3 acute MIs.
 """
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ def axis_text(deg: float | None) -> str | None:
 
 
 def _st_mm(m: dict, leads: list[str]) -> str:
-    st = m.get("st_mv") or {}
+    """The flagged leads' ST at the J point (where the criteria read it; J+60 ms from older measurement JSON)."""
+    st = m.get("st_j_mv") or m.get("st_mv") or {}
     return ", ".join(f"{ld} {10.0 * st[ld]:+.1f} mm" for ld in leads if st.get(ld) is not None)
 
 
@@ -64,9 +65,10 @@ def measured_findings(m: dict | None, sex: str | None = None) -> list[MeasuredFi
     out: list[MeasuredFinding] = []
     if m.get("stemi_criteria"):
         leads = list(m["stemi_criteria"])
+        where = "the J point" if m.get("st_j_mv") else "J+60 ms"
         out.append(MeasuredFinding(
             "STEMI", f"URGENT: ST elevation meeting the STEMI criteria (Fourth Universal Definition of MI) in "
-                     f"contiguous leads {', '.join(leads)} ({_st_mm(m, leads)} at J+60 ms) — measured; needs "
+                     f"contiguous leads {', '.join(leads)} ({_st_mm(m, leads)} at {where}) — measured; needs "
                      "immediate clinical review", urgent=True))
     hr = m.get("heart_rate_bpm")
     if hr is not None and hr > TACHY_BPM:

@@ -57,6 +57,7 @@ class Diagnosis:
     code: str | None = None
     superclass: str | None = None
     cited: list[int] = field(default_factory=list)
+    basis: str = "votes"  # "votes": the similar cases (or the LLM on them); "measured": a rule on the tracing
 
 
 @dataclass

@@ -56,6 +56,11 @@ def _diag_name(d: Diagnosis) -> str:
     return f"{d.label} ({tag})" if tag and tag != d.label else d.label
 
 
+def _confidence(d: Diagnosis) -> str:
+    """"confidence 0.83", or for a statement a measurement made, "measured (confidence 0.50)"."""
+    return f"measured (confidence {d.confidence:.2f})" if d.basis == "measured" else f"confidence {d.confidence:.2f}"
+
+
 def case_findings(n: Neighbour) -> list[str]:
     """A neighbour's statements in English, e.g. "normal ECG (NORM 100)", most likely first."""
     return [f"{text} ({code}{f' {lik:g}' if lik else ''})"
@@ -83,7 +88,7 @@ def render_text(r: Report, neighbours: Sequence[Neighbour] | None = None) -> str
                    + ("" if r.findings else " none stated"))
         out += [f"  - {f.text}{_cites(f.cited)}" for f in r.findings]
         out.append("Diagnoses:" + ("" if r.diagnoses else " none above threshold"))
-        out += [f"  - {_diag_name(d)}: confidence {d.confidence:.2f}{_cites(d.cited)}" for d in r.diagnoses]
+        out += [f"  - {_diag_name(d)}: {_confidence(d)}{_cites(d.cited)}" for d in r.diagnoses]
         out.append(f"Impression: {r.impression.text + _cites(r.impression.cited) if r.impression else '-'}")
     if r.dropped_citations:
         out += ["", "Removed by the citation check (cited cases that were not retrieved):"]
@@ -165,7 +170,8 @@ def render_html(report: Report, query_image=None, case_images: dict[int, str | P
         body.append(f"<h2>{heading}</h2><ul>" + "".join(f"<li>{e(f.text)}{cites(f.cited)}</li>" for f in r.findings)
                     + "</ul>" + ("" if r.findings else "<p>none stated</p>"))
         body.append("<h2>Diagnoses</h2><table><tr><th>Diagnosis</th><th>Confidence</th><th>Cited</th></tr>"
-                    + "".join(f"<tr><td>{e(_diag_name(d))}</td><td>{d.confidence:.2f}</td>"
+                    + "".join(f"<tr><td>{e(_diag_name(d))}</td><td>{d.confidence:.2f}"
+                              f"{' (measured)' if d.basis == 'measured' else ''}</td>"
                               f"<td>{e(', '.join(map(str, d.cited)))}</td></tr>" for d in r.diagnoses)
                     + "</table>")
         if r.impression:

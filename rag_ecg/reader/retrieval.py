@@ -130,7 +130,8 @@ class RetrievalBackend(LLMBackend):
             findings.append(Statement(f"No diagnostic label reached the vote threshold; the similar cases "
                                       f"disagree ({spread}). Abstaining.", []))
 
-        report = Report(rhythm=rhythm, findings=findings, diagnoses=diagnoses,
+        diagnoses, notes = self._stemi_overrides(evidence, sup, diagnoses, measurements)
+        report = Report(rhythm=rhythm, findings=findings, diagnoses=diagnoses, notes=notes,
                         impression=self._impression(ns, diagnoses), backend=self.name, model=self.model,
                         retrieval=RetrievalInfo.from_evidence(evidence), parsed=True)
         if ns and ns[0].similarity_pct is not None and ns[0].similarity_pct < OUT_OF_LIBRARY_PCT:
@@ -139,14 +140,43 @@ class RetrievalBackend(LLMBackend):
                                 f"similar-case votes say little about it.")
         return with_measurements(report, measurements, fill=True)
 
+    def _stemi_overrides(self, evidence: "Evidence", sup: dict, diagnoses: list[Diagnosis],
+                         m: dict | None) -> tuple[list[Diagnosis], list[str]]:
+        """When the tracing's measured ST elevation meets the STEMI criteria, the report states MI and does
+        not call the ECG normal, whatever the neighbours voted: a real printout of an acute anterior MI drew
+        "normal ECG 0.94" from its neighbours (the library's infarcts are mostly old ones, drawn from z-scored
+        signals whose ST carries no mV). Its confidence is the neighbours' MI probability raised to the MI
+        threshold, so the statement is made; `basis` says a measurement made it. Returns (diagnoses, notes)."""
+        leads = (m or {}).get("stemi_criteria") if m and not m.get("error") else None
+        if not leads:
+            return diagnoses, []
+        named = ", ".join(leads)
+        norm = next((d for d in diagnoses if d.superclass == "NORM" and d.code is None), None)
+        kept = [d for d in diagnoses if d is not norm]
+        vote = float(sup.get("MI", 0.0))
+        notes = [f"The similar cases' vote for myocardial infarction was {vote:.2f}; it is stated because the "
+                 f"measured ST elevation in {named} meets the STEMI criteria."]
+        if norm is not None:
+            notes.append(f"Not called a normal ECG although the similar cases voted so ({norm.confidence:.2f}): "
+                         f"the measured ST elevation contradicts it.")
+        if not any(d.superclass == "MI" and d.code is None for d in kept):
+            kept.insert(0, Diagnosis(
+                label=f"{SUPERCLASS_NAMES['MI']}, acute injury suspected: ST elevation meeting the STEMI "
+                      f"criteria in {named}", confidence=round(max(vote, self._threshold(evidence, "MI")), 4),
+                superclass="MI", cited=[], basis="measured"))
+        return kept, notes
+
     def _impression(self, ns: list["Neighbour"], diagnoses: list[Diagnosis]) -> Statement | None:
         if not ns:
             return None
         top = ns[: self.config.impression_cases]  # `ns` is ranked (see compose)
         quotes = "; ".join(f"[case {n.case_id}] \u201c{_excerpt(n.report, self.config.quote_chars)}\u201d "
                            f"(similarity {similarity_text(n.score, n.similarity_pct)})" for n in top)
-        labels = ", ".join(f"{d.label} ({d.confidence:.2f})" for d in diagnoses if d.code is None)
-        supported = f"Similar-case votes support: {labels}. " if labels else "No label reached the threshold. "
+        labels = ", ".join(f"{d.label} ({d.confidence:.2f})" for d in diagnoses
+                           if d.code is None and d.basis == "votes")
+        measured = "".join(f"Measured: {d.label}. " for d in diagnoses if d.basis == "measured")
+        supported = measured + (f"Similar-case votes support: {labels}. " if labels
+                                else "No similar-case label is stated. ")
         return Statement(f"{supported}The most similar reference cases were reported as: {quotes}.",
                          [n.case_id for n in top])
 

@@ -190,7 +190,8 @@ def _row_html(row: dict, lazy: bool, with_truth: bool) -> str:
     status = row["status"]
     diags = row.get("diagnoses") or []
     dx = "".join(f'<li>{_e(d.get("superclass") if d.get("code") is None else d.get("code"))} — {_e(d["label"])} '
-                 f'<b>{d["confidence"]:.2f}</b>{_cites(d.get("cited"))}</li>' for d in diags)
+                 f'<b>{d["confidence"]:.2f}</b>{" (measured)" if d.get("basis") == "measured" else ""}'
+                 f'{_cites(d.get("cited"))}</li>' for d in diags)
     report_parts = []
     if row.get("error"):
         report_parts.append(f'<div class="err">{_e(row["error"])}</div>')

@@ -43,8 +43,10 @@ def item_row(item: ReviewItem) -> dict:
     """One chart as the outputs show it (plain JSON types)."""
     rep = item.report or {}
     diags = sorted(({"label": d.get("label"), "code": d.get("code"), "superclass": d.get("superclass"),
-                     "confidence": float(d.get("confidence") or 0.0), "cited": list(d.get("cited") or [])}
-                    for d in rep.get("diagnoses") or []), key=lambda d: -d["confidence"])
+                     "confidence": float(d.get("confidence") or 0.0), "cited": list(d.get("cited") or []),
+                     "basis": d.get("basis") or "votes"}
+                    for d in rep.get("diagnoses") or []),
+                   key=lambda d: (d["basis"] != "measured", -d["confidence"]))  # a measured STEMI leads
     impression = (rep.get("impression") or {}).get("text") if rep else None
     cited: dict[int, None] = {}
     for part in ([rep.get("rhythm")] + list(rep.get("findings") or []) + list(rep.get("diagnoses") or [])
@@ -62,6 +64,7 @@ def item_row(item: ReviewItem) -> dict:
     return {
         "id": item.id, "chart": item.chart_key, "path": item.path, "status": item.status, "error": item.error,
         "attempts": item.attempts, **{k: m.get(k) for k in MEASURE_COLUMNS}, "st_mv": m.get("st_mv"),
+        "st_j_mv": m.get("st_j_mv"),
         "stemi_urgent": bool(m.get("stemi_criteria")), "measured_findings": [f.get("text") for f in found],
         "measure_error": m.get("error") if m else None, "diagnoses": diags,
         "top_diagnosis": _diag_name(top) if top else None, "top_confidence": top["confidence"] if top else None,

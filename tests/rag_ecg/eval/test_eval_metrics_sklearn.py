@@ -40,7 +40,8 @@ def _sklearn_figures(y: np.ndarray, s: np.ndarray, p: np.ndarray) -> dict:
     both = [j for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]  # ECGBench: classes with both values
     return {"macro_auc_scores": np.mean([sk.roc_auc_score(y[:, j], s[:, j]) for j in both]),
             "macro_auc_binary": np.mean([sk.roc_auc_score(y[:, j], p[:, j]) for j in both]),
-            "macro_f1": sk.f1_score(y, p, average="macro", zero_division=0),
+            "macro_f1": sk.f1_score(y, p, labels=[j for j in range(y.shape[1]) if y[:, j].any()], average="macro",
+                                    zero_division=0),  # over the classes the set holds
             "hamming_loss": sk.hamming_loss(y, p)}
 
 

@@ -46,6 +46,9 @@ def test_f1_hamming_and_binarised_auc_hand_computed():
     # class 0: tp 1, fp 1, fn 1 -> 2/(2+1+1) = 0.5; class 1: tp 1, fp 0, fn 1 -> 2/3
     assert per_class_f1(y, p) == pytest.approx([0.5, 2 / 3])
     assert macro_f1(y, p) == pytest.approx((0.5 + 2 / 3) / 2)
+    # a class no chart carries is not scored (a set labelled for some classes only), however often it is stated
+    y3, p3 = np.c_[y, np.zeros(4, int)], np.c_[p, np.ones(4, int)]
+    assert macro_f1(y3, p3) == pytest.approx((0.5 + 2 / 3) / 2) and per_class_f1(y3, p3)[2] == 0.0
     # wrong cells: (1,0), (2,0), (3,1) -> 3 of 8
     assert hamming_loss(y, p) == pytest.approx(3 / 8)
     # AUC of 0/1 predictions = (TPR + TNR) / 2: class 0 -> (1/2 + 1/2)/2, class 1 -> (1/2 + 1)/2

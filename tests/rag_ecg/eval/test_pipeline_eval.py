@@ -35,7 +35,7 @@ def test_score_reports_matches_hand_computed_metrics():
     assert m["charts"] == 3
     assert m["macro_auc_scores"] == pytest.approx((1 + 1 + 0.5 + 1) / 4)  # HYP has no positive: left out
     assert m["macro_auc_binary"] == pytest.approx((1 + 1 + 0.5 + 0.5) / 4)
-    assert m["macro_f1"] == pytest.approx(2 / 5)  # NORM, MI right; STTC, CD missed; HYP never present
+    assert m["macro_f1"] == pytest.approx(2 / 4)  # NORM, MI right; STTC, CD missed; HYP in no chart: not scored
     assert m["hamming_loss"] == pytest.approx(2 / 15)
     assert m["superclass_report_f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
     assert m["scp_report_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)  # SR read from the rhythm line

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from cli import app
 from rag_ecg.data.records import read_ludb
 from rag_ecg.measure import measure_signal
+from rag_ecg.measure.inputs import picture_mv
 from rag_ecg.measure.reference import read_reference
 from rag_ecg.measure.stemi import stemi_leads, stemi_pairs, v2v3_threshold_mm
 from rag_ecg.paper.calibration import calibrate, to_millivolts
@@ -18,7 +19,7 @@ from rag_ecg.paper.digitize import digitize, working_page
 from rag_ecg.paper.render import render_page_and_layout
 
 CLI_KEYS = {"input", "heart_rate_bpm", "rr_irregular", "qrs_axis_deg", "pr_ms", "qrs_ms", "qt_ms", "qtc_bazett_ms",
-            "qtc_fridericia_ms", "st_mv", "stemi_criteria", "leads_used", "error"}
+            "qtc_fridericia_ms", "st_mv", "st_j_mv", "stemi_criteria", "leads_used", "error"}
 
 
 @pytest.mark.parametrize("record", ["2", "14", "29"])
@@ -66,6 +67,33 @@ def test_stemi_needs_two_contiguous_leads():
     assert stemi_pairs({"II": 1.1, "III": 1.3, "aVF": 1.2}) == [("II", "aVF"), ("aVF", "III"), ("II", "III")]
     assert stemi_pairs({"V4": 1.5, "V5": None}) == []  # a lead not printed meets nothing
     assert stemi_leads([]) is None
+
+
+def test_stemi_flag_on_ludb_inferior_stemi_matches_the_cardiologists_j_points(ludb_dir):
+    """LUDB 64 (inferior STEMI): ST read at the marked J points meets the criteria in II, III, aVF; ours too."""
+    rec = read_ludb(ludb_dir / "data" / "64")
+    ref = read_reference(ludb_dir / "data" / "64", rec.signal_mv(), rec.fs)
+    marked = {ld: 10 * v for ld, v in ref.st_j_mv.items()}
+    assert stemi_leads(stemi_pairs(marked, rec.sex, rec.age)) == ["II", "III", "aVF"]
+    m = measure_signal(rec.signal_mv(), rec.fs, rec.sex, rec.age)
+    assert m.stemi_criteria == ["II", "III", "aVF"]
+    for ld in ("II", "III", "aVF", "V2"):
+        assert abs(10 * m.st_j_mv[ld].value - marked[ld]) <= 0.5  # within half a millimetre of the marks
+
+
+@pytest.mark.parametrize("name, flagged", [("MI_0006.jpg", True), ("NORMAL_0057.jpg", False)])
+def test_stemi_flag_on_real_hospital_printouts(shared_data, name, flagged):
+    """Real scans read by the digitiser: an acute anterior MI is flagged; a normal ECG whose healthy precordial
+    ST rises into tall T waves (>= 1.5 mm at J+60 ms in V2-V5) is not, as the criteria read the J point."""
+    mv = picture_mv(shared_data / "real-pictures" / "khan" / name)
+    m = measure_signal(mv, 500.0)
+    if flagged:
+        assert {"V2", "V3", "V4", "V5"} <= set(m.stemi_criteria)
+        assert all(m.st_j_mv[ld].value >= 0.2 for ld in ("V2", "V3", "V4"))  # tombstone ST: >= 2 mm
+    else:
+        assert m.stemi_criteria is None
+        at60 = {ld: 10 * v.value for ld, v in m.st_mv.items() if v.value is not None}
+        assert stemi_pairs(at60)  # read at J+60 ms, this normal ECG would have been flagged
 
 
 def test_v2_v3_thresholds_depend_on_sex_and_age():

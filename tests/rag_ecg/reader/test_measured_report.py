@@ -119,3 +119,21 @@ def test_the_llm_prompt_carries_the_measured_block_and_the_report_keeps_them(ptb
     assert r.measurements == m and r.measured_findings[0].code == "STEMI"
     assert r.measured_fields == []  # the LLM's own rate/axis/intervals are kept as its own
     assert render_text(r).splitlines()[3].startswith("*** URGENT")
+
+
+def test_measured_stemi_overrides_neighbours_that_vote_normal(ptbxl_dir):
+    """A real acute-MI printout drew 'normal ECG 0.94' from its neighbours: the measured ST elevation wins."""
+    ev = ptbxl_evidence(ptbxl_dir, ("24", "43", "55", "85", "149", "158"))  # all six: NORM only
+    plain = RetrievalBackend().compose(ev, _constructed(stemi_criteria=None))
+    assert [d.superclass for d in plain.diagnoses if d.code is None] == ["NORM"] and plain.notes == []
+    r = RetrievalBackend().compose(ev, _constructed())
+    top = r.diagnoses[0]
+    assert (top.superclass, top.basis, top.cited) == ("MI", "measured", [])
+    assert "V1, V2, V3, V4" in top.label and top.confidence == pytest.approx(0.5)  # raised to the threshold
+    assert "NORM" not in {d.superclass for d in r.diagnoses}
+    assert any("Not called a normal ECG" in n and "(1.00)" in n for n in r.notes)
+    assert r.impression.text.startswith("Measured: myocardial infarction") and "votes support" not in r.impression.text
+    assert "measured (confidence 0.50)" in render_text(r)
+    assert "0.50 (measured)" in render_html(r)
+    # round trip: the basis survives the report JSON
+    assert Report.from_dict(json.loads(json.dumps(r.to_dict()))).diagnoses[0].basis == "measured"
