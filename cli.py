@@ -471,6 +471,39 @@ def eval_cmd(data: Path = typer.Option(..., help="PTB-XL-like folder, LUDB-like 
     console.print(f"written {out / 'eval.json'} and {out / 'eval.md'}")
 
 
+@app.command("calibrate")
+def calibrate_cmd(data: Optional[Path] = typer.Option(None, help="your labelled charts: PTB-XL-like folder, LUDB-like "
+                                                      "folder of WFDB records, or a CSV (path, labels) of pictures"),
+                  index: str = typer.Option("default", help="index name or folder"),
+                  preset: str = typer.Option("photo", help="how WFDB records are drawn before they are read "
+                                             "(pictures are read as they are)"),
+                  split: Optional[str] = typer.Option(None, help="PTB-XL folds, as in `eval`"),
+                  limit: Optional[int] = None, workers: int = 2,
+                  reset: bool = typer.Option(False, "--reset", help="remove the index's site calibration"),
+                  db: Optional[str] = DbOpt) -> None:
+    """Refit the reader's probabilities and thresholds on your own labelled charts (a site calibration).
+
+    Fit on charts you will not evaluate on; `--reset` goes back to the build's calibration."""
+    from index.site_calibration import fit_site, reset_site
+    from rag_ecg.eval.pipeline import load_labelled
+    from rag_ecg.review.run import resolve_index_dir
+
+    idx = resolve_index_dir(index)
+    if reset:
+        console.print(f"{idx}: " + ("site calibration removed" if reset_site(idx) else "had no site calibration"))
+        return
+    if data is None:
+        raise InputError("calibrate: give --data (your labelled charts) or --reset")
+    labelled = load_labelled(data, split, limit)
+    out = fit_site(labelled, idx, _store(db), preset=preset, workers=workers)
+    for line in out["unread"]:
+        err.print(f"[yellow]unread:[/] {line}", highlight=False)
+    th = out["calibration"].get("thresholds") or {}
+    console.print(f"{idx}: calibrated on {out['charts']} charts of {out['set']}; refitted "
+                  f"{', '.join(out['refitted']) or 'nothing'}; thresholds "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in th.items()))
+
+
 @app.command("build-instructions")
 def build_instructions(config: Optional[Path] = None, db: Optional[str] = DbOpt,
                        out: Optional[Path] = None, index: Optional[str] = typer.Option(None, help="index for evidence"),

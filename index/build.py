@@ -21,7 +21,7 @@ import os
 import shutil
 import signal
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -43,7 +43,7 @@ from rag_ecg.errors import ArtifactError, InputError
 from rag_ecg.eval.metrics import choose_thresholds, knn_scores, labels_to_matrix
 from rag_ecg.io import atomic_write_with, read_json, replace_dir, write_json
 from rag_ecg.paper.render import render_page
-from rag_ecg.search.calibration import Calibration, fit_fusion, fit_platt, top_quantiles
+from rag_ecg.search.calibration import Calibration, fit_on_reads, fit_platt, top_quantiles
 from rag_ecg.search.index_config import IndexConfig
 from rag_ecg.search.index_files import IndexLoadError
 from rag_ecg.search.index_folder import MANIFEST, IndexStoreMismatchError, check_store, write_cases
@@ -429,34 +429,29 @@ def fit_on_queries(cal: Calibration, images: VectorIndex, cases: list[Case], que
     if len(kept) < min_queries:  # too few to fit on: keep the library's own calibration
         return cal
     emb = encoder.embed_pixels(np.stack([x for _, x in kept]))
-    by_id = {c.id: c for c in cases}
-    ids = images.ids
-    lib = images.vectors(ids)
-    y_lib = labels_to_matrix([by_id[int(i)].labels or [] for i in ids], SUPERCLASSES)
-    votes = knn_scores(emb, lib, y_lib, cfg.k, cfg.temperature)
+    labels = {c.id: c.labels or [] for c in cases}
+    votes, head = votes_and_head(emb, images, labels, cfg.k, cfg.temperature, encoder)
     y = labels_to_matrix([c.labels or [] for c, _ in kept], SUPERCLASSES)
+    base = replace(cal, temperature=cfg.temperature, k=cfg.k, platt={}, fusion={}, thresholds={},
+                   reference_top=top_quantiles((emb @ images.vectors(images.ids).T).max(axis=1)))
+    out = fit_on_reads(base, votes, head, y, SUPERCLASSES,
+                       f"{len(kept)} held-out ECGs (split val) drawn as pictures")
+    log.info("calibration: fitted on %s", out.fitted_on)
+    return out
+
+
+def votes_and_head(emb: np.ndarray, images: VectorIndex, labels: dict[int, list[str]], k: int, temperature: float,
+                   encoder: ECGEncoder) -> tuple[np.ndarray, np.ndarray | None]:
+    """(n, 5) similarity-weighted votes of the k nearest library cases (uncalibrated) and (n, 5) logits of the
+    encoder's superclass head (None without one): what a `Calibration` turns into probabilities."""
+    ids = images.ids
+    y_lib = labels_to_matrix([labels.get(int(i)) or [] for i in ids], SUPERCLASSES)
+    votes = knn_scores(emb, images.vectors(ids), y_lib, k, temperature)
     head = None
     if encoder.aux_head is not None and tuple(encoder.aux_classes) == tuple(SUPERCLASSES):
         with torch.inference_mode():
             head = encoder.aux_logits(torch.from_numpy(emb).to(encoder.device)).float().cpu().numpy()
-    platt, fusion = {}, {}
-    probs = votes.copy()
-    for j, lab in enumerate(SUPERCLASSES):
-        if not 0 < y[:, j].sum() < len(y):
-            continue
-        platt[lab] = list(fit_platt(votes[:, j], y[:, j]))
-        if head is not None:
-            fusion[lab] = fit_fusion(votes[:, j], head[:, j], y[:, j])
-    out = Calibration(temperature=cfg.temperature, k=cfg.k, platt=platt, fusion=fusion or None,
-                      min_top_score=cal.min_top_score, reference_top=top_quantiles((emb @ lib.T).max(axis=1)),
-                      fitted_on=f"{len(kept)} held-out ECGs (split val) drawn as pictures")
-    for i in range(len(kept)):
-        probs[i] = [out.probability(lab, votes[i, j], None if head is None else head[i, j])
-                    for j, lab in enumerate(SUPERCLASSES)]
-    out.thresholds = {lab: float(t) for lab, t in zip(SUPERCLASSES, choose_thresholds(y, probs))
-                      if lab in platt and np.isfinite(t)}
-    log.info("calibration: fitted on %s", out.fitted_on)
-    return out
+    return votes, head
 
 
 def _copy_encoder(src: Path, dst: Path) -> None:

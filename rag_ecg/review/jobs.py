@@ -63,8 +63,10 @@ def job_verdicts(store: Store, job_id: int) -> dict[int, dict]:
 
 def job_key(descriptor: str, cfg: ReviewConfig, index: dict) -> str:
     """sha256 of the input, the result settings and the index identity: the same command, the same job."""
-    blob = json.dumps({"input": descriptor, "settings": cfg.result_settings(),
-                       "index": {k: index[k] for k in ("path", "encoder_hash", "built")}}, sort_keys=True)
+    ident = {k: index[k] for k in ("path", "encoder_hash", "built")}
+    if index.get("calibration"):  # a site calibration changes every probability: another job
+        ident["calibration"] = index["calibration"]
+    blob = json.dumps({"input": descriptor, "settings": cfg.result_settings(), "index": ident}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

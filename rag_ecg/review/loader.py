@@ -200,6 +200,13 @@ class Loader:
         self.prefetch = max(1, prefetch)
         self._pool: ProcessPoolExecutor | None = None
 
+    def start(self) -> "Loader":
+        """Start the worker processes now: before this process runs torch (a child forked after that can hang
+        in torch's inherited OpenMP state when the digitiser's segmenter runs there)."""
+        if self.workers > 1:
+            self._get_pool()
+        return self
+
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # fork (Linux): instant, and callers need no `if __name__ == "__main__"` guard; the workers are

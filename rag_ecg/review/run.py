@@ -31,6 +31,8 @@ from rag_ecg.review.jobs import (add_items, job_key, last_version, lease_owner, 
 from rag_ecg.review.local import ReviewProgress, run_local
 from rag_ecg.review.outputs import write_outputs
 from rag_ecg.review.pipeline import ChartPipeline, ChartResult, PipelineSpec
+from rag_ecg.io import read_json
+from rag_ecg.search.calibration import SITE_CALIBRATION
 from rag_ecg.search.index_folder import check_store
 from rag_ecg.search.retrieve import MANIFEST, IndexNotReadyError
 
@@ -93,7 +95,10 @@ def index_info(index_dir: Path) -> dict:
     if not mpath.exists():
         raise IndexNotReadyError(f"{index_dir}: no finished index here (build it with `python cli.py build-index`)")
     m = json.loads(mpath.read_text())
+    site = index_dir / SITE_CALIBRATION
+    site_at = read_json(site).get("fitted_at") if site.is_file() else None
     return {"path": str(index_dir.resolve()), "encoder_hash": m.get("encoder_hash"), "built": m.get("built"),
+            "calibration": site_at,
             "count": m.get("count"), "dpi": int((m.get("build") or {}).get("dpi") or 100)}
 
 

@@ -20,7 +20,7 @@ from rag_ecg.data.text_repair import repair_report
 from rag_ecg.encoder.model import ECGEncoder
 from rag_ecg.errors import ArtifactError, InputError
 from rag_ecg.eval.metrics import vote_scores
-from rag_ecg.search.calibration import Calibration
+from rag_ecg.search.calibration import index_calibration
 from rag_ecg.search.evidence import SCORE_DECIMALS, Evidence, Neighbour
 from rag_ecg.search.index_folder import check_store
 from rag_ecg.search.vector_index import VectorIndex
@@ -40,20 +40,23 @@ class Retriever:
     """Nearest reference cases for queries, with the evidence a reader needs to cite them."""
 
     def __init__(self, index_dir: Path, store: Store, encoder, image_index: VectorIndex,
-                 text_index: VectorIndex | None, manifest: dict):
+                 text_index: VectorIndex | None, manifest: dict, library_calibration: bool = False):
         self.index_dir = Path(index_dir)
         self.store = store
         self.encoder = encoder
         self.image_index = image_index
         self.text_index = text_index
         self.manifest = manifest
-        self.calibration = Calibration(**manifest.get("calibration", {}))
+        self.calibration, self.site_calibration = index_calibration(
+            self.index_dir, manifest, getattr(encoder, "checkpoint_hash", None), library_calibration)
         self.name = manifest.get("name", self.index_dir.name)
         with store.session() as s:
             self._descriptions = scp_descriptions(s)
 
     @classmethod
-    def open(cls, index_dir: str | Path, store: Store, device: str = "cpu") -> "Retriever":
+    def open(cls, index_dir: str | Path, store: Store, device: str = "cpu",
+             library_calibration: bool = False) -> "Retriever":
+        """`library_calibration`: ignore the folder's site calibration (what `calibrate` refits from)."""
         index_dir = Path(index_dir)
         mpath = index_dir / MANIFEST
         if not mpath.exists():
@@ -67,7 +70,7 @@ class Retriever:
             texts = VectorIndex.load(index_dir / "texts.faiss", expected_encoder_hash=encoder.checkpoint_hash)
         ids = images.ids if texts is None else np.union1d(images.ids, texts.ids)
         check_store(index_dir, store, manifest, ids)  # ids name the same ECGs in this store as when built
-        return cls(index_dir, store, encoder, images, texts, manifest)
+        return cls(index_dir, store, encoder, images, texts, manifest, library_calibration)
 
     # ---- queries -------------------------------------------------------------------------------------
     def search_images(self, images: Sequence, k: int = 8, **filters) -> list[Evidence]:
