@@ -15,6 +15,7 @@ from rag_ecg.measure import median_beat
 from rag_ecg.measure.axis import HEXAXIAL_DEG, frontal_axis
 from rag_ecg.measure.beats import Beats, detect
 from rag_ecg.measure.delineate import Fiducials, delineate
+from rag_ecg.measure.qwaves import prior_mi_leads, q_waves
 from rag_ecg.measure.result import Measurements, Value
 from rag_ecg.measure.signal import FS, to_working_rate
 from rag_ecg.measure.stemi import stemi_leads, stemi_pairs
@@ -54,6 +55,9 @@ def measure_signal(signal_mv: np.ndarray, fs: float, sex: str | None = None, age
     _intervals(out, fid, beats, irr)
     _axis(out, med, fid)
     _st(out, wins, med, fid, sex, age)
+    if fid.qrs_off is not None:
+        out.q_waves = q_waves(med, fid.qrs_on, fid.qrs_off, FS)
+        out.prior_mi_q_leads = prior_mi_leads(out.q_waves)
     return out
 
 

@@ -45,6 +45,8 @@ class Measurements:
     st_j_mv: dict[str, Value] = field(default_factory=dict)  # lead -> ST at the J point vs the PR baseline
     stemi_criteria: list[str] | None = None  # the leads of the contiguous pairs meeting the criteria, else None
     stemi_pairs: list[tuple[str, str]] = field(default_factory=list)
+    q_waves: dict[str, dict] = field(default_factory=dict)  # lead -> {"ms", "mv", "qs"} of its initial Q wave
+    prior_mi_q_leads: list[str] | None = None  # leads whose Q waves meet the criteria of prior MI (measure.qwaves)
     beats: int = 0  # beats detected (on the longest lead)
     input: str = ""
     error: str | None = None
@@ -70,6 +72,8 @@ class Measurements:
         out["st_mv"] = {ld: self.st_mv[ld].rounded(3) for ld in STANDARD_LEADS if ld in self.st_mv}
         out["st_j_mv"] = {ld: self.st_j_mv[ld].rounded(3) for ld in STANDARD_LEADS if ld in self.st_j_mv}
         out["stemi_criteria"] = self.stemi_criteria
+        out["q_waves"] = {ld: self.q_waves[ld] for ld in STANDARD_LEADS if ld in self.q_waves}
+        out["prior_mi_q_leads"] = self.prior_mi_q_leads
         out["leads_used"] = self.leads_used()
         out["confidence"] = {k: round(v.confidence, 2) for k, v in {**scalars, "rr_irregular": self.rr_irregular}.items()}
         out["not_measured"] = {k: v.why for k, v in {**scalars, "rr_irregular": self.rr_irregular}.items()
@@ -81,5 +85,5 @@ class Measurements:
 def failed(input_name: str, error: str) -> dict:
     """The JSON object of an input that could not be measured: every measurement null, `error` its one line."""
     keys = ("heart_rate_bpm", "rr_irregular", "qrs_axis_deg", "pr_ms", "qrs_ms", "qt_ms", "qtc_bazett_ms",
-            "qtc_fridericia_ms", "st_mv", "st_j_mv", "stemi_criteria", "leads_used")
+            "qtc_fridericia_ms", "st_mv", "st_j_mv", "stemi_criteria", "q_waves", "prior_mi_q_leads", "leads_used")
     return {"input": input_name, **{k: None for k in keys}, "error": error}

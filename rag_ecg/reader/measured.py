@@ -24,7 +24,7 @@ FIELD_KEYS = {"rate_bpm": "heart_rate_bpm", "axis": "qrs_axis_deg", "pr_ms": "pr
 class MeasuredFinding:
     """A rule-based finding from the measurements: `basis` is always "measured" (not a vote, cites no case)."""
 
-    code: str  # STEMI | TACHY | BRADY | IRREG | LAD | RAD | EXTREME_AXIS | AVB1 | WIDE_QRS | LONG_QTC
+    code: str  # STEMI | PRIOR_MI_Q | TACHY | BRADY | IRREG | LAD | RAD | EXTREME_AXIS | AVB1 | WIDE_QRS | LONG_QTC
     text: str
     urgent: bool = False
     basis: str = "measured"
@@ -57,6 +57,11 @@ def _st_mm(m: dict, leads: list[str]) -> str:
     return ", ".join(f"{ld} {10.0 * st[ld]:+.1f} mm" for ld in leads if st.get(ld) is not None)
 
 
+def _q_text(q: dict) -> str:
+    """"QS" or "Q 36 ms 0.21 mV" for one lead's entry of `q_waves`."""
+    return "QS" if q.get("qs") else f"Q {q.get('ms', 0):g} ms {q.get('mv', 0):.2f} mV"
+
+
 def measured_findings(m: dict | None, sex: str | None = None) -> list[MeasuredFinding]:
     """The rule-based findings of one measurement set, an urgent STEMI finding first."""
     if not m or m.get("error"):
@@ -70,6 +75,13 @@ def measured_findings(m: dict | None, sex: str | None = None) -> list[MeasuredFi
             "STEMI", f"URGENT: ST elevation meeting the STEMI criteria (Fourth Universal Definition of MI) in "
                      f"contiguous leads {', '.join(leads)} ({_st_mm(m, leads)} at {where}) — measured; needs "
                      "immediate clinical review", urgent=True))
+    if m.get("prior_mi_q_leads"):
+        leads = list(m["prior_mi_q_leads"])
+        q = m.get("q_waves") or {}
+        shown = ", ".join(f"{ld} {_q_text(q[ld])}" for ld in leads if ld in q)
+        out.append(MeasuredFinding(
+            "PRIOR_MI_Q", f"Q waves meeting the criteria of prior myocardial infarction (Fourth Universal "
+                          f"Definition) in {', '.join(leads)} ({shown}): infarct of undetermined age — measured"))
     hr = m.get("heart_rate_bpm")
     if hr is not None and hr > TACHY_BPM:
         out.append(MeasuredFinding("TACHY", f"Tachycardia: heart rate {hr:g} bpm (> {TACHY_BPM:g}) — measured"))

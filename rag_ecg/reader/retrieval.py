@@ -130,7 +130,7 @@ class RetrievalBackend(LLMBackend):
             findings.append(Statement(f"No diagnostic label reached the vote threshold; the similar cases "
                                       f"disagree ({spread}). Abstaining.", []))
 
-        diagnoses, notes = self._stemi_overrides(evidence, sup, diagnoses, measurements)
+        diagnoses, notes = self._measured_mi(evidence, sup, diagnoses, measurements)
         report = Report(rhythm=rhythm, findings=findings, diagnoses=diagnoses, notes=notes,
                         impression=self._impression(ns, diagnoses), backend=self.name, model=self.model,
                         retrieval=RetrievalInfo.from_evidence(evidence), parsed=True)
@@ -140,30 +140,35 @@ class RetrievalBackend(LLMBackend):
                                 f"similar-case votes say little about it.")
         return with_measurements(report, measurements, fill=True)
 
-    def _stemi_overrides(self, evidence: "Evidence", sup: dict, diagnoses: list[Diagnosis],
-                         m: dict | None) -> tuple[list[Diagnosis], list[str]]:
-        """When the tracing's measured ST elevation meets the STEMI criteria, the report states MI and does
-        not call the ECG normal, whatever the neighbours voted: a real printout of an acute anterior MI drew
-        "normal ECG 0.94" from its neighbours (the library's infarcts are mostly old ones, drawn from z-scored
-        signals whose ST carries no mV). Its confidence is the neighbours' MI probability raised to the MI
-        threshold, so the statement is made; `basis` says a measurement made it. Returns (diagnoses, notes)."""
-        leads = (m or {}).get("stemi_criteria") if m and not m.get("error") else None
-        if not leads:
+    def _measured_mi(self, evidence: "Evidence", sup: dict, diagnoses: list[Diagnosis],
+                     m: dict | None) -> tuple[list[Diagnosis], list[str]]:
+        """When the tracing's measurements meet the ECG criteria of MI — ST elevation meeting the STEMI criteria
+        (acute) or Q waves meeting those of prior MI (age undetermined) — the report states MI and does not call
+        the ECG normal, whatever the neighbours voted: real printouts of acute MIs drew "normal ECG 0.94" from
+        their neighbours, and old infarcts "ST/T change" (the library's cases are z-scored PTB-XL signals, its
+        acute infarcts few). Its confidence is the neighbours' MI probability raised to the MI threshold, so the
+        statement is made; `basis` says a measurement made it. Returns (diagnoses, notes)."""
+        if not m or m.get("error"):
             return diagnoses, []
-        named = ", ".join(leads)
+        if m.get("stemi_criteria"):
+            why = f"ST elevation meeting the STEMI criteria in {', '.join(m['stemi_criteria'])}"
+            label = f"{SUPERCLASS_NAMES['MI']}, acute injury suspected: {why}"
+        elif m.get("prior_mi_q_leads"):
+            why = f"Q waves meeting the criteria of prior infarction in {', '.join(m['prior_mi_q_leads'])}"
+            label = f"{SUPERCLASS_NAMES['MI']}, age undetermined: {why}"
+        else:
+            return diagnoses, []
         norm = next((d for d in diagnoses if d.superclass == "NORM" and d.code is None), None)
         kept = [d for d in diagnoses if d is not norm]
         vote = float(sup.get("MI", 0.0))
-        notes = [f"The similar cases' vote for myocardial infarction was {vote:.2f}; it is stated because the "
-                 f"measured ST elevation in {named} meets the STEMI criteria."]
+        notes = [f"The similar cases' vote for myocardial infarction was {vote:.2f}; it is stated because of the "
+                 f"measured {why}."]
         if norm is not None:
             notes.append(f"Not called a normal ECG although the similar cases voted so ({norm.confidence:.2f}): "
-                         f"the measured ST elevation contradicts it.")
+                         f"the measured {why.split(' meeting')[0]} contradicts it.")
         if not any(d.superclass == "MI" and d.code is None for d in kept):
-            kept.insert(0, Diagnosis(
-                label=f"{SUPERCLASS_NAMES['MI']}, acute injury suspected: ST elevation meeting the STEMI "
-                      f"criteria in {named}", confidence=round(max(vote, self._threshold(evidence, "MI")), 4),
-                superclass="MI", cited=[], basis="measured"))
+            kept.insert(0, Diagnosis(label=label, confidence=round(max(vote, self._threshold(evidence, "MI")), 4),
+                                     superclass="MI", cited=[], basis="measured"))
         return kept, notes
 
     def _impression(self, ns: list["Neighbour"], diagnoses: list[Diagnosis]) -> Statement | None:

@@ -12,6 +12,7 @@ from cli import app
 from rag_ecg.data.records import read_ludb
 from rag_ecg.measure import measure_signal
 from rag_ecg.measure.inputs import picture_mv
+from rag_ecg.measure.qwaves import prior_mi_leads
 from rag_ecg.measure.reference import read_reference
 from rag_ecg.measure.stemi import stemi_leads, stemi_pairs, v2v3_threshold_mm
 from rag_ecg.paper.calibration import calibrate, to_millivolts
@@ -81,6 +82,14 @@ def test_stemi_flag_on_ludb_inferior_stemi_matches_the_cardiologists_j_points(lu
         assert abs(10 * m.st_j_mv[ld].value - marked[ld]) <= 0.5  # within half a millimetre of the marks
 
 
+@pytest.mark.parametrize("name, q_leads", [("HMI_0011.jpg", {"II", "aVF", "V2", "V3"}), ("NORMAL_0022.jpg", None)])
+def test_q_waves_on_real_hospital_printouts(shared_data, name, q_leads):
+    """An old inferior + anterior infarct read off a real scan; a normal one whose Q waves in III and aVF do
+    not meet the criteria (III does not count)."""
+    m = measure_signal(picture_mv(shared_data / "real-pictures" / "khan" / name), 500.0)
+    assert (set(m.prior_mi_q_leads) if m.prior_mi_q_leads else None) == q_leads
+
+
 @pytest.mark.parametrize("name, flagged", [("MI_0006.jpg", True), ("NORMAL_0057.jpg", False)])
 def test_stemi_flag_on_real_hospital_printouts(shared_data, name, flagged):
     """Real scans read by the digitiser: an acute anterior MI is flagged; a normal ECG whose healthy precordial
@@ -94,6 +103,29 @@ def test_stemi_flag_on_real_hospital_printouts(shared_data, name, flagged):
         assert m.stemi_criteria is None
         at60 = {ld: 10 * v.value for ld, v in m.st_mv.items() if v.value is not None}
         assert stemi_pairs(at60)  # read at J+60 ms, this normal ECG would have been flagged
+
+
+@pytest.mark.parametrize("record, leads", [("7", ["V2", "V3"]), ("13", ["II", "aVF"]), ("1", None)])
+def test_q_waves_of_prior_infarction_on_ludb(ludb_dir, record, leads):
+    """LUDB 7: anterior infarct (QS in V1-V4); 13: inferior scar; 1: sinus bradycardia, no infarct."""
+    rec = read_ludb(ludb_dir / "data" / record)
+    m = measure_signal(rec.signal_mv(), rec.fs, rec.sex, rec.age)
+    assert m.prior_mi_q_leads == leads
+    assert m.to_dict()["prior_mi_q_leads"] == leads and set(m.to_dict()["q_waves"]) == set(m.q_waves)
+
+
+def test_prior_mi_q_criteria_name_the_leads_the_definition_names():
+    q = {ld: {"ms": 0.0, "mv": 0.0, "qs": False} for ld in ("I", "II", "III", "aVL", "aVF", "V1", "V2", "V3", "V4")}
+    deep = {"ms": 40.0, "mv": 0.3, "qs": False}
+    assert prior_mi_leads(q) is None
+    assert prior_mi_leads({**q, "III": deep, "aVF": deep}) is None  # a Q in III does not count
+    assert prior_mi_leads({**q, "II": deep, "aVF": deep}) == ["II", "aVF"]
+    assert prior_mi_leads({**q, "II": deep}) is None  # one lead of a group is not enough
+    assert prior_mi_leads({**q, "aVF": deep, "II": {"ms": 28.0, "mv": 0.3, "qs": False}}) is None  # < 30 ms
+    assert prior_mi_leads({**q, "V2": {"ms": 22.0, "mv": 0.06, "qs": False}}) == ["V2"]  # any Q >= 20 ms in V2-V3
+    qs = {"ms": 60.0, "mv": 0.8, "qs": True}
+    assert prior_mi_leads({**q, "V1": qs}) is None  # QS in V1 is normal
+    assert prior_mi_leads({**q, "V2": {**qs, "ms": 0.0}, "V3": {**qs, "ms": 0.0}}) == ["V2", "V3"]
 
 
 def test_v2_v3_thresholds_depend_on_sex_and_age():

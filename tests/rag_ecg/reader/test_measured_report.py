@@ -137,3 +137,15 @@ def test_measured_stemi_overrides_neighbours_that_vote_normal(ptbxl_dir):
     assert "0.50 (measured)" in render_html(r)
     # round trip: the basis survives the report JSON
     assert Report.from_dict(json.loads(json.dumps(r.to_dict()))).diagnoses[0].basis == "measured"
+
+
+def test_measured_q_waves_state_an_infarct_of_undetermined_age(ptbxl_dir):
+    ev = ptbxl_evidence(ptbxl_dir, ("24", "43", "55", "85", "149", "158"))  # all six: NORM only
+    q = {"II": {"ms": 44.0, "mv": 0.31, "qs": False}, "aVF": {"ms": 40.0, "mv": 0.22, "qs": False}}
+    m = _constructed(stemi_criteria=None, prior_mi_q_leads=["II", "aVF"], q_waves=q)
+    r = RetrievalBackend().compose(ev, m)
+    assert [f.code for f in r.measured_findings][0] == "PRIOR_MI_Q" and not r.measured_findings[0].urgent
+    assert "II Q 44 ms 0.31 mV, aVF Q 40 ms 0.22 mV" in r.measured_findings[0].text
+    top = r.diagnoses[0]
+    assert (top.superclass, top.basis) == ("MI", "measured") and "age undetermined" in top.label
+    assert "NORM" not in {d.superclass for d in r.diagnoses} and "URGENT" not in render_text(r)
