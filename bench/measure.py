@@ -12,6 +12,8 @@ records without ischaemia; PTB-XL here is band-passed 0.5-40 Hz and z-scored (1 
 amplitudes are only nominal. Two more lines say what that reference can give: the flag on LUDB's ST read at the
 cardiologists' own J-point marks (its ceiling there: 1 of LUDB's 8 'STEMI' records meets the criteria even so),
 and the flag on 27 real hospital printouts (real-pictures/khan: acute MI against normal, read from the picture).
+The prior-MI Q-wave flag (`measure.qwaves`): LUDB records labelled MI against the others, on the signals, and the
+real printouts' infarcts (acute and old) against their normals.
 
     python bench/measure.py                    # ~15 min on 1 core: 100 LUDB x (signal + 3 presets), 200 normals
     python bench/measure.py --n 30 --presets photo --normals 100
@@ -193,34 +195,37 @@ def stemi_scores(rows: list[dict], at: str) -> str:
             f"{f', {err} unread' if err else ''}  [target ≥ 0.80 at ≥ 0.95: {ok}]")
 
 
-def real_picture_stemi(folder: Path) -> dict:
-    """The flag on real hospital printouts (real-pictures/khan, read by the digitiser): acute MI against normal.
-
-    The set's classes: MI (acute infarction), HMI (history of MI: old infarcts, no ST elevation expected),
-    ABNORMAL_BEAT (arrhythmias) and NORMAL; the flag's sensitivity is over MI, its specificity over NORMAL, and
-    how often it fires on the other two is printed beside them. Sex and age are not on the pages (unknown)."""
+def real_picture_flags(folder: Path) -> dict:
+    """The STEMI flag and the prior-MI Q-wave flag on real hospital printouts (real-pictures/khan, read by the
+    digitiser). The set's classes: MI (acute infarction), HMI (history of MI: old infarcts, Q waves expected,
+    no ST elevation), ABNORMAL_BEAT (arrhythmias) and NORMAL; STEMI sensitivity is over MI, Q-wave sensitivity
+    over MI + HMI, specificity over NORMAL, and how often each fires per class is printed. Sex and age are not
+    on the pages (unknown)."""
     labels = folder / "labels.csv"
     if not labels.is_file():
         print(f"real pictures: {labels} not found, skipped")
         return {}
     with open(labels, newline="") as f:
         rows = list(csv.DictReader(f))
-    flagged: dict[str, list[int]] = {}
+    flags: dict[str, dict[str, list[int]]] = {"stemi": {}, "q": {}}
     for row in rows:
         try:
             m = measure_signal(picture_mv(folder / row["path"]), 500.0)
-            hit = int(bool(m.stemi_criteria))
+            hits = {"stemi": int(bool(m.stemi_criteria)), "q": int(bool(m.prior_mi_q_leads))}
         except RagEcgError as exc:
             print(f"   {row['path']}: {exc}")
-            hit = 0
-        flagged.setdefault(row["class"], []).append(hit)
-    out = {k: f"{sum(v)}/{len(v)}" for k, v in sorted(flagged.items())}
-    mi, norm = flagged.get("MI", []), flagged.get("NORMAL", [])
-    sens = sum(mi) / max(len(mi), 1)
-    spec = 1 - sum(norm) / max(len(norm), 1)
-    print(f"real   hospital printouts ({folder.name}): sensitivity {sens:.2f} ({sum(mi)}/{len(mi)} acute MI), "
-          f"specificity {spec:.2f} ({len(norm) - sum(norm)}/{len(norm)} normal); flag fired on "
-          + ", ".join(f"{k} {v}" for k, v in out.items()))
+            hits = {"stemi": 0, "q": 0}
+        for k, hit in hits.items():
+            flags[k].setdefault(row["class"], []).append(hit)
+    out = {}
+    for k, name, pos in (("stemi", "STEMI flag", ("MI",)), ("q", "Q-wave (prior MI) flag", ("MI", "HMI"))):
+        per = flags[k]
+        got = [h for c in pos for h in per.get(c, [])]
+        norm = per.get("NORMAL", [])
+        out[k] = {c: f"{sum(v)}/{len(v)}" for c, v in sorted(per.items())}
+        print(f"real   {name} on hospital printouts ({folder.name}): sensitivity {sum(got)}/{len(got)} "
+              f"({' + '.join(pos)}), specificity {len(norm) - sum(norm)}/{len(norm)} normal; fired on "
+              + ", ".join(f"{c} {v}" for c, v in out[k].items()))
     return out
 
 
@@ -310,7 +315,14 @@ def main() -> None:
     print(f"{'':7s}(LUDB's 'STEMI' diagnoses include evolved infarcts whose ST is back under 1 mm; PTB-XL's "
           "z-scored leads carry no mV)")
     figures["stemi"]["ludb_marked/j"] = line
-    figures["stemi"]["real_pictures"] = real_picture_stemi(data / "real-pictures" / "khan")
+    ludb_mi = [i for i in ids if "MI" in ludb[i].labels]
+    q_hit = {i: bool(measure_signal(ludb[i].signal_mv(), ludb[i].fs, ludb[i].sex, ludb[i].age).prior_mi_q_leads)
+             for i in ids}
+    line = (f"Q-wave (prior MI) flag on the LUDB signals: {sum(q_hit[i] for i in ludb_mi)}/{len(ludb_mi)} records "
+            f"labelled MI, {sum(q_hit[i] for i in ids if i not in ludb_mi)}/{len(ids) - len(ludb_mi)} others")
+    print(f"{'signal':7s}{line}")
+    figures["prior_mi_q"] = {"ludb_signal": line}
+    figures["real_pictures"] = real_picture_flags(data / "real-pictures" / "khan")
     if args.json:
         write_json(args.json, figures)
 
