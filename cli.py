@@ -81,6 +81,18 @@ BackendConfigOpt = typer.Option(None, "--backend-config", help="YAML: `backend:`
 MaxTokensOpt = typer.Option(None, "--max-tokens", help="hf/vllm: answer length cap (vllm: lowered to fit the window)")
 NoCotOpt = typer.Option(False, "--no-cot", help="JSON-only prompt, no step-by-step reasoning (small windows)")
 MaxCasesOpt = typer.Option(None, "--max-cases", help="show the LLM at most this many of the k cases")
+SexOpt = typer.Option(None, help="the patient's sex, M | F: the V2-V3 STEMI threshold and long QTc (default: the "
+                      "record's header; a picture's is unknown: 1.5 mm, 460 ms)")
+AgeOpt = typer.Option(None, help="the patient's age in years (men < 40: 2.5 mm in V2-V3)")
+
+
+def _sex(sex: Optional[str]) -> Optional[str]:
+    """--sex as M or F (None: not given); anything else is one line, exit 2."""
+    if sex is None:
+        return None
+    if sex.strip().upper()[:1] not in ("M", "F") or not sex.strip():
+        raise InputError(f"--sex {sex!r} is not M or F")
+    return sex.strip().upper()[:1]
 
 
 def _reader(config: Optional[Path], backend: Optional[str], max_tokens: Optional[int], no_cot: bool,
@@ -188,9 +200,7 @@ def digitize(images: list[Path] = typer.Argument(..., help="pictures (PNG/JPEG/B
 @app.command()
 def measure(inputs: list[Path] = typer.Argument(..., help="pictures or WFDB records (.hea)"),
             fmt: str = typer.Option("table", "--format", help="table | json"),
-            sex: Optional[str] = typer.Option(None, help="M | F: the V2-V3 STEMI threshold (default: the "
-                                              "record's header; unknown: 1.5 mm)"),
-            age: Optional[float] = typer.Option(None, help="years (men < 40: 2.5 mm in V2-V3)"),
+            sex: Optional[str] = SexOpt, age: Optional[float] = AgeOpt,
             speed: float = typer.Option(25.0, help="paper speed of pictures, mm/s"),
             gain: Optional[float] = typer.Option(None, help="gain of pictures, mm/mV (default: 10 or the pulse's)")) -> None:
     """Measure rate, rhythm, axis, PR/QRS/QT/QTc, ST per lead and the STEMI criteria of each ECG.
@@ -204,8 +214,7 @@ def measure(inputs: list[Path] = typer.Argument(..., help="pictures or WFDB reco
 
     if fmt not in ("table", "json"):
         raise InputError(f"--format {fmt!r} is not one of table, json")
-    if sex is not None and sex.upper()[:1] not in ("M", "F"):
-        raise InputError(f"--sex {sex!r} is not M or F")
+    sex = _sex(sex)
     results = []
     for path in inputs:
         try:
@@ -366,15 +375,16 @@ def report(query: Path = typer.Argument(..., help="ECG image (PNG/JPEG/TIFF/BMP/
            model: Optional[str] = typer.Option(None, help="vllm: served model name"),
            model_path: Optional[str] = typer.Option(None, help="hf: local LLaVA-NeXT folder"),
            max_tokens: Optional[int] = MaxTokensOpt, no_cot: bool = NoCotOpt,
-           max_cases: Optional[int] = MaxCasesOpt) -> None:
+           max_cases: Optional[int] = MaxCasesOpt, sex: Optional[str] = SexOpt, age: Optional[float] = AgeOpt) -> None:
     """A grounded report for one ECG image, citing the retrieved cases it relied on."""
     from rag_ecg.reader.interpret import report_command
 
+    sex = _sex(sex)
     name, opts = _reader(backend_config, backend, max_tokens, no_cot, max_cases, base_url=base_url, model=model,
                          model_path=model_path)
     evidence, image = _query_evidence(query, None, index, db, k, None)
     text = report_command(query if image is None else image, evidence, backend=name, fmt=fmt, out=out,
-                          backend_options=opts, measure_from=query)
+                          backend_options=opts, measure_from=query, sex=sex, age=age)
     print(text) if out is None else console.print(f"written {out}")
 
 

@@ -156,6 +156,9 @@ def test_bad_files_get_the_cli_one_line_errors(app_server, tmp_path):
     assert res.status_code == 400 and "04385_lr.hea: a WFDB record needs its signal file too" in res.json()["error"]
     res = httpx.post(app_server.url + "/api/analyze", data={"example": "../../etc/passwd"})
     assert res.status_code == 400 and res.json()["error"] == "../../etc/passwd: not one of the examples offered"
+    for field, line in ((("age", "fifty"), "age 'fifty' is not a number of years"), (("sex", "X"), "sex 'X'")):
+        res = post(app_server.url + "/api/analyze", [("notes.png", fake.read_bytes())], data=dict([field]))
+        assert res.status_code == 400 and res.json()["error"].startswith(line)
 
 
 def test_a_wfdb_record_and_an_example_are_read(app_server, ptbxl_dir):
@@ -165,6 +168,11 @@ def test_a_wfdb_record_and_an_example_are_read(app_server, ptbxl_dir):
     out = res.json()
     assert out["notes"] and "drawn as a clean page" in out["notes"][0]
     assert out["measurements"]["error"] is None and len(out["neighbours"]) == 8
+    assert out["measurements"]["sex"] == "F"  # its header says "sex: female"
+    res = post(app_server.url + "/api/analyze", [(f"04385_lr{s}", rec.with_suffix(s).read_bytes()) for s in (".hea", ".dat")],
+               data={"sex": "M", "age": "35"})  # what the user says of the patient wins over the header
+    assert res.status_code == 200 and res.json()["measurements"]["sex"] == "M"
+    assert 'name="sex"' in httpx.get(app_server.url + "/").text
 
     examples = app_server.state.examples  # a few of each folder of real pictures
     assert {x.key.split("/")[0] for x in examples} == {"assorted", "khan"}

@@ -54,6 +54,12 @@ def test_report_cites_only_retrieved_cases(tiny_index, ingested_store, tmp_path)
     assert len(retrieved) == 8 and report.cited_case_ids  # the retrieval reader always cites its evidence
     assert set(report.cited_case_ids) <= retrieved
     assert rep["backend"] == "retrieval" and "clinical" in rep["notice"].lower()
+    assert rep["measurements"]["sex"] is None  # a picture says nothing of the patient
+    common = [str(png), "--index", str(tiny_index["index"]), "--db", tiny_index["db"], "--format", "json"]
+    res = runner.invoke(app, ["report", *common, "--sex", "female", "--age", "52"])
+    assert res.exit_code == 0 and json.loads(res.output)["measurements"]["sex"] == "F"
+    res = runner.invoke(app, ["report", *common, "--sex", "X"])
+    assert res.exit_code == 2 and "--sex 'X' is not M or F" in res.output
 
 
 def test_bad_query_is_one_clear_line(tiny_index, tmp_path):

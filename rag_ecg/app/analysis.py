@@ -35,7 +35,7 @@ from rag_ecg.reader.interpret import interpret
 from rag_ecg.reader.report import Report
 from rag_ecg.reader.report_render import render_html
 from rag_ecg.measure import measure_signal
-from rag_ecg.reader.tracing import quietly, record_measurements
+from rag_ecg.reader.tracing import query_measurements, quietly, record_measurements
 from rag_ecg.search.evidence import Evidence, Neighbour
 from rag_ecg.search.retrieve import MANIFEST, IndexNotReadyError, Retriever
 from rag_ecg.app.uploads import is_record
@@ -117,10 +117,12 @@ class Analyzer:
         self.retriever.store.dispose()
 
     # ---- one query ---------------------------------------------------------------------------------------
-    def analyze(self, query: Path, name: str, scratch: Path) -> Result:
+    def analyze(self, query: Path, name: str, scratch: Path, sex: str | None = None,
+                age: float | None = None) -> Result:
         """`query`: a picture/PDF file or a WFDB .hea, `name`: what the user called it, `scratch`: the request's
-        own folder for the digitised record's files. Raises RagEcgError (one line naming the file) for what the
-        CLI would refuse."""
+        own folder for the digitised record's files, `sex`/`age`: the patient's when the user gave them (the
+        sex- and age-dependent thresholds; a record's header otherwise). Raises RagEcgError (one line naming the
+        file) for what the CLI would refuse."""
         start = time.perf_counter()
         notes: list[str] = []
         if is_record(query):
@@ -144,10 +146,13 @@ class Analyzer:
         cal = calibrate(work, read, ink=ink)
         mv = to_millivolts(read, cal, OUT_FS)
         digitized = describe(read, cal, read_quality(read, ink), arr.shape, mv, name)
-        if kind == "record":  # its own signal, sex and age from its header
+        if kind == "record" and sex is None and age is None:  # its own signal, sex and age from its header
             measurements = quietly(name, lambda: record_measurements(query, name))
+        elif kind == "record":
+            measurements = query_measurements(query, sex, age)  # the given sex/age over the header's
         else:  # the page's signal on its own mm scale, as `cli.py measure` reads it (reader.tracing)
-            measurements = quietly(name, lambda: {**measure_signal(mv, OUT_FS, input_name=name).to_dict(), "sex": None})
+            measurements = quietly(name, lambda: {**measure_signal(mv, OUT_FS, sex, age, input_name=name).to_dict(),
+                                                  "sex": sex})
         evidence = self._search(page, read)
         report = interpret(page, evidence, self.backend, cot=self.cot, max_cases=self.max_cases,
                            measurements=measurements)

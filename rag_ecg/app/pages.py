@@ -62,7 +62,10 @@ def home_page(info: dict, examples: list[Example], error: str | None = None, max
         '<form class="upload" method="post" action="/analyze" enctype="multipart/form-data">'
         '<input type="file" name="file" id="file" multiple required '
         'accept=".png,.jpg,.jpeg,.bmp,.tif,.tiff,.webp,.gif,.heic,.heif,.pdf,.hea,.dat">'
-        '<button type="submit" id="submit">Analyse</button></form>'
+        '<label>Sex <select name="sex" id="sex"><option value="">unknown</option><option value="M">male</option>'
+        '<option value="F">female</option></select></label> '
+        '<label>Age <input type="number" name="age" id="age" min="0" max="130" step="1" placeholder="years">'
+        '</label> <button type="submit" id="submit">Analyse</button></form>'
         f'<p class="muted">A picture ({e(FORMATS)}; a PDF\'s first page) or a WFDB record (choose its .hea and '
         f".dat together), up to {max_upload_mb:g} MB. Analyses run one at a time; the page loads when yours is "
         "done (a few seconds each).</p></section>")
@@ -97,7 +100,9 @@ def measurements_table(m: dict) -> str:
              ("QRS axis", _num(m.get("qrs_axis_deg"), "°")), ("PR", _num(m.get("pr_ms"), " ms")),
              ("QRS", _num(m.get("qrs_ms"), " ms")), ("QT", _num(m.get("qt_ms"), " ms")),
              ("QTc Bazett", _num(m.get("qtc_bazett_ms"), " ms")), ("QTc Fridericia", _num(m.get("qtc_fridericia_ms"), " ms")),
-             ("STEMI criteria", e(", ".join(m.get("stemi_criteria") or [])) or "none met")]
+             ("STEMI criteria", e(", ".join(m.get("stemi_criteria") or [])) or "none met"),
+             ("Prior-MI Q waves", e(", ".join(m.get("prior_mi_q_leads") or [])) or "none met"),
+             ("Sex (thresholds)", {"M": "male", "F": "female"}.get(m.get("sex") or "", "unknown"))]
     out = ('<table id="measurements"><tr>' + "".join(f"<th>{k}</th>" for k, _ in cells) + "</tr><tr>"
            + "".join(f"<td>{v}</td>" for _, v in cells) + "</tr></table>")
     rows = [(what, m.get(key) or {}) for what, key in (("at J (mV)", "st_j_mv"), ("at J+60 ms (mV)", "st_mv"))]

@@ -143,11 +143,12 @@ def create_app(analyzer: Analyzer, max_upload_mb: float = MAX_UPLOAD_MB, max_wai
             files = [UploadedFile(f.filename or "", await f.read()) for f in form.getlist("file")
                      if hasattr(f, "filename")]
             example = form.get("example")
+            patient = patient_fields(form.get("sex"), form.get("age"))
         files = [f for f in files if f.name or f.data]  # an empty file input sends one nameless empty part
         if example and not files:
             ex = pick_example(str(example), state.examples)
             return await state.queue.run(_analyze_example, state.analyzer, ex)
-        return await state.queue.run(_analyze_upload, state.analyzer, files)
+        return await state.queue.run(_analyze_upload, state.analyzer, files, *patient)
 
     async def attempt(request: Request) -> Result | Response:
         """The query's Result (kept for its page and downloads), or the failure response with its one line."""
@@ -249,10 +250,26 @@ def _limited(receive, limit: int):
     return wrapped
 
 
-def _analyze_upload(analyzer: Analyzer, files: list[UploadedFile]) -> Result:
+def patient_fields(sex, age) -> tuple[str | None, float | None]:
+    """The form's optional sex (M / F / empty) and age (years) -> values, or one line naming the bad field."""
+    s = str(sex or "").strip().upper()
+    if s not in ("", "M", "F"):
+        raise InputError(f"sex {sex!r}: choose M, F or unknown")
+    a = str(age or "").strip()
+    try:
+        years = float(a) if a else None
+    except ValueError:
+        raise InputError(f"age {a!r} is not a number of years") from None
+    if years is not None and not 0 <= years <= 130:
+        raise InputError(f"age {a}: not between 0 and 130 years")
+    return s or None, years
+
+
+def _analyze_upload(analyzer: Analyzer, files: list[UploadedFile], sex: str | None = None,
+                    age: float | None = None) -> Result:
     with tempfile.TemporaryDirectory(prefix="rag-ecg-app-") as tmp:
         query = save_upload(files, Path(tmp) / "upload")
-        return analyzer.analyze(query, query.name, Path(tmp))
+        return analyzer.analyze(query, query.name, Path(tmp), sex=sex, age=age)
 
 
 def _analyze_example(analyzer: Analyzer, example: Example) -> Result:

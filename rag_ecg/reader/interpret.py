@@ -80,14 +80,15 @@ def interpret(image: Image.Image | str | Path | None, evidence: "Evidence", back
 def report_command(image_path: str | Path | None, evidence: "Evidence", backend: str = "retrieval",
                    fmt: str = "text", out: str | Path | None = None, retries: int = 1,
                    backend_options: dict | None = None, cot: bool | None = None, max_cases: int | None = None,
-                   measure_from: str | Path | None = None) -> str:
+                   measure_from: str | Path | None = None, sex: str | None = None, age: float | None = None) -> str:
     """What `cli.py report` prints: interpret, render as text/json/html, optionally save atomically.
-    `measure_from`: the picture or WFDB record whose tracing is measured for the report (None: not measured)."""
+    `measure_from`: the picture or WFDB record whose tracing is measured for the report (None: not measured);
+    `sex`/`age`: the patient's, for the sex- and age-dependent thresholds (STEMI in V2-V3, long QTc)."""
     if fmt not in ("text", "json", "html"):
         raise InputError(f"--format {fmt!r}: expected text, json or html")
     be = get_backend(backend, **(backend_options or {}))
     try:
-        measurements = query_measurements(measure_from) if measure_from is not None else None
+        measurements = query_measurements(measure_from, sex, age) if measure_from is not None else None
         report = interpret(image_path, evidence, be, retries=retries, cot=cot, max_cases=max_cases,
                            measurements=measurements)
     finally:

@@ -56,9 +56,14 @@ def page_measurements(page: Image.Image | np.ndarray, read: Digitized | None = N
     return _as_dict(measure_signal(page_mv(arr, read), PAGE_FS, input_name=name), None)
 
 
-def query_measurements(path: str | Path) -> dict:
-    """What `cli.py report` measures for its query: a WFDB record or a picture file (never raises)."""
+def query_measurements(path: str | Path, sex: str | None = None, age: float | None = None) -> dict:
+    """What `cli.py report` measures for its query: a WFDB record or a picture file (never raises). `sex` and
+    `age` (the patient's, when the user gives them) override a record's header; a picture carries neither."""
     path = Path(path)
-    if is_wfdb(path):
+    if is_wfdb(path) and sex is None and age is None:
         return quietly(str(path), lambda: record_measurements(path))
-    return quietly(str(path), lambda: _as_dict(measure_input(path), None))
+
+    def measured() -> dict:
+        header_sex = read_record_mv(path)[2] if is_wfdb(path) and sex is None else None
+        return _as_dict(measure_input(path, sex=sex, age=age), sex or header_sex)
+    return quietly(str(path), measured)
