@@ -16,6 +16,7 @@ import torch
 from rag_ecg.errors import BackendError
 from rag_ecg.reader.base import LLMBackend
 from rag_ecg.reader.messages import chat_messages
+from rag_ecg.reader.token_budget import FittedPrompt, PromptTooLongError, fit_prompt, plain_prompt
 
 
 @dataclass
@@ -29,6 +30,8 @@ class HFConfig:
     do_sample: bool = False  # greedy by default: the same image and evidence give the same report
     temperature: float = 0.7  # only used when do_sample
     top_p: float = 0.9  # only used when do_sample
+    window_tokens: int | None = None  # context window (None: the model's max_position_embeddings)
+    min_answer_tokens: int = 400  # cases are dropped until the window leaves at least this for the answer
 
 
 class HFBackend(LLMBackend):
@@ -38,7 +41,7 @@ class HFBackend(LLMBackend):
 
     def __init__(self, model_path: str | Path, device: str = "auto", dtype: str = "auto",
                  max_new_tokens: int = 1024, do_sample: bool = False, temperature: float = 0.7,
-                 top_p: float = 0.9):
+                 top_p: float = 0.9, window_tokens: int | None = None, min_answer_tokens: int = 400):
         try:
             from transformers import AutoProcessor, LlavaNextForConditionalGeneration
         except ImportError as exc:
@@ -48,7 +51,8 @@ class HFBackend(LLMBackend):
         if not (path / "config.json").exists():
             raise BackendError(f"{path}: not a Hugging Face model folder (no config.json); convert PULSE-7B "
                                "with `python training/convert_pulse.py` first")
-        self.config = HFConfig(str(path), device, dtype, max_new_tokens, do_sample, temperature, top_p)
+        self.config = HFConfig(str(path), device, dtype, max_new_tokens, do_sample, temperature, top_p,
+                               window_tokens, min_answer_tokens)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
@@ -76,13 +80,41 @@ class HFBackend(LLMBackend):
         conv, imgs = chat_messages(messages, images)
         return self.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False), imgs
 
+    @property
+    def window(self) -> int | None:
+        """The model's context window in tokens (prompt + answer)."""
+        if self.config.window_tokens:
+            return int(self.config.window_tokens)
+        cfg = getattr(self.hf_model.config, "text_config", None) or self.hf_model.config
+        n = getattr(cfg, "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def count(self, messages: Sequence[Any], images: Sequence = ()) -> tuple[int, str]:
+        """The prompt's tokens as the model will see them (the processor expands each picture's tokens)."""
+        prompt, imgs = self.prompt_text(messages, images)
+        ids = self.processor(images=imgs or None, text=prompt)["input_ids"][0]
+        return len(ids), "counted by the model's processor"
+
+    def prepare(self, evidence, image=None, cot: bool = True, max_cases: int | None = None,
+                measured: str = "") -> FittedPrompt:
+        """The prompt fitted into the model's window (cases dropped from the lowest rank, with a note)."""
+        window = self.window
+        if window is None:
+            return plain_prompt(evidence, image, cot, max_cases, measured)
+        return fit_prompt(evidence, image, cot, max_cases, measured, self.count, window,
+                          min(self.config.min_answer_tokens, self.config.max_new_tokens))
+
     def generate(self, messages: Sequence[Any], images: Sequence = ()) -> str:
         prompt, imgs = self.prompt_text(messages, images)
         inputs = self.processor(images=imgs or None, text=prompt, return_tensors="pt").to(self.device)
+        used, window = int(inputs["input_ids"].shape[1]), self.window
+        if window is not None and window - used < 1:
+            raise PromptTooLongError(f"the prompt needs {used:,} tokens, the model's window is {window:,}")
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.hf_model.dtype)
         tok = self.processor.tokenizer
-        kwargs = dict(max_new_tokens=self.config.max_new_tokens, do_sample=self.config.do_sample,
+        room = self.config.max_new_tokens if window is None else min(self.config.max_new_tokens, window - used)
+        kwargs = dict(max_new_tokens=room, do_sample=self.config.do_sample,
                       pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         if self.config.do_sample:
             kwargs.update(temperature=self.config.temperature, top_p=self.config.top_p)

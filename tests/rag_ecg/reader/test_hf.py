@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("transformers")
+from dataclasses import replace  # noqa: E402
+
 from PIL import Image  # noqa: E402
 
 from rag_ecg.errors import BackendError  # noqa: E402
@@ -60,3 +62,23 @@ def test_interpret_keeps_nonsense_as_unparsed_after_one_retry(backend, evidence)
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(BackendError, match="not a Hugging Face model folder"):
         get_backend("hf", model_path=str(tmp_path / "PULSE-7B"))
+
+
+def test_the_prompt_is_fitted_into_the_models_window(evidence):
+    """The model's window (max_position_embeddings, or `window_tokens`) holds the prompt and the answer: the
+    lowest-ranked cases are dropped to leave `min_answer_tokens`, the report says so and cites only those shown."""
+    full = get_backend("hf", model_path=str(tiny_llava_dir()), device="cpu", max_new_tokens=8)
+    assert full.window == 4096  # the tiny model's text config
+    tokens, how = full.count(build_messages(evidence, page()), [page()])
+    assert how == "counted by the model's processor" and tokens > 100
+    one_case = full.count(build_messages(replace(evidence, neighbours=evidence.neighbours[:1]), page()), [page()])[0]
+    full.close()
+    be = get_backend("hf", model_path=str(tiny_llava_dir()), device="cpu", max_new_tokens=8,
+                     window_tokens=one_case + 8, min_answer_tokens=8)
+    fitted = be.prepare(evidence, page(), cot=True)
+    assert [n.case_id for n in fitted.evidence.neighbours] == [1000] and fitted.prompt_tokens == one_case
+    assert "evidence cut to 1 of 3 case(s)" in fitted.notes[0] and "case 1001, case 1002" in fitted.notes[0]
+    r = interpret(page(), evidence, be, retries=0)
+    assert any("evidence cut to 1 of 3" in n for n in r.notes)
+    assert set(r.cited_case_ids) <= {1000}
+    be.close()
