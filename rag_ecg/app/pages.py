@@ -87,7 +87,8 @@ def report_fragment(result: Result) -> str:
 
 
 def _num(v, unit: str = "") -> str:
-    return "–" if v is None else f"{v:g}{unit}" if isinstance(v, (int, float)) else e(str(v))
+    """A measured value as shown: "–" when missing, never "-0" (a rounded tiny negative)."""
+    return "–" if v is None else f"{v + 0.0:g}{unit}" if isinstance(v, (int, float)) else e(str(v))
 
 
 def measurements_table(m: dict) -> str:
