@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from rag_ecg.paper.digitize import FAINT_CORE_PCT, FS, N_SAMPLES, T_SECONDS, Digitized
+from rag_ecg.paper.grid_warp import sample_shifts
 from rag_ecg.paper.ink import INK_ON, ink_map, remove_grid_lines
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class Calibration:
     px_per_mm_y: float | None = None  # vertical scale where it differs (a photo's perspective); None: px_per_mm
     row_seconds: float | None = None  # the rows' length in seconds at this px/mm and speed (10 on a 10-s page)
     notes: list[str] = field(default_factory=list)  # one line each: confirmations, disagreements, fallbacks
+    ticks: bool = False  # the read's time axis came from the ticks between leads (`Digitized.time_axis`)
+    shifts: np.ndarray | None = None  # (12, N) s each read sample's paper moved later (`grid_warp`: wrinkles)
 
     @property
     def px_per_mv(self) -> float:
@@ -99,11 +102,13 @@ class Calibration:
 
         The read stretches each row's traced extent to 10 s, but a pen's line ends a few px inside its time window
         (our pages: 9.95 s; ECG-Image-Kit: 9.96 s); over a 10-s rhythm strip that drift costs its QRS complexes
-        their alignment (own clean pages 9.3 -> 10.6 dB, ECG-Image-Kit clean 9.8 -> 10.3). Only a flat grid
+        their alignment (own clean pages 9.3 -> 10.6 dB, ECG-Image-Kit clean 9.8 -> 10.3). A read timed by the ticks
+        between leads needs none: they mark the time itself, where the grid's px/mm is good to ~0.05 %, half a
+        sample over a 10-s strip (own clean pages 13.0 -> 16.3 dB). Otherwise only a flat grid
         (spread <= FLAT_GRID, not a photo's perspective, which measured 9.6-10.2 s) and a row within
         TIME_FIT of 10 s (a 10-s page) are trusted; otherwise 1."""
-        ok = (self.source == "grid" and self.row_seconds is not None and self.grid.spread <= FLAT_GRID
-              and abs(self.row_seconds / T_SECONDS - 1.0) <= TIME_FIT)
+        ok = (not self.ticks and self.source == "grid" and self.row_seconds is not None
+              and self.grid.spread <= FLAT_GRID and abs(self.row_seconds / T_SECONDS - 1.0) <= TIME_FIT)
         return float(self.row_seconds / T_SECONDS) if ok else 1.0
 
     def to_json(self) -> dict:
@@ -112,7 +117,7 @@ class Calibration:
              "px_per_mm_y": None if self.px_per_mm_y is None else round(self.px_per_mm_y, 4),
              "row_seconds": None if self.row_seconds is None else round(self.row_seconds, 3),
              "grid": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self.grid).items()},
-             "pulse": None, "notes": list(self.notes)}
+             "time_axis": "ticks" if self.ticks else "extent", "pulse": None, "notes": list(self.notes)}
         if self.pulse is not None:
             d["pulse"] = {"height_px": round(self.pulse.height_px, 2), "width_px": round(self.pulse.width_px, 2),
                           "rows": self.pulse.rows, "px_per_mm": round(self.pulse_px_per_mm or 0.0, 4),
@@ -143,9 +148,10 @@ def grid_map(work_rgb: np.ndarray) -> np.ndarray:
     return np.where(pen, fill, lines).astype(np.float32)
 
 
-def grid_scale(work_rgb: np.ndarray) -> GridScale:
-    """The grid's px/mm on a working page ((H, W, 3) uint8 RGB, deskewed), measured in 3x3 tiles."""
-    lines = grid_map(work_rgb)
+def grid_scale(work_rgb: np.ndarray, lines: np.ndarray | None = None) -> GridScale:
+    """The grid's px/mm on a working page ((H, W, 3) uint8 RGB, deskewed), measured in 3x3 tiles (`lines`: its
+    `grid_map`, if made)."""
+    lines = grid_map(work_rgb) if lines is None else lines
     h, w = lines.shape
     ny = max(2, min(8, int(round(3 * h / max(1, w)))))
     fits, tried = [], 0
@@ -393,7 +399,8 @@ def calibrate(work_rgb: np.ndarray, read: Digitized, speed_mm_s: float = 25.0, g
     seconds (the read itself puts each row on a 10-s axis). `ink`: the page's `trace_ink`, if already made."""
     gain = float(gain_mm_mv) if gain_mm_mv else 10.0
     ink = trace_ink(work_rgb) if ink is None else ink
-    grid = grid_scale(work_rgb)
+    lines = grid_map(work_rgb)
+    grid = grid_scale(work_rgb, lines)
     spans = row_spans(read)
     rows = [y for y, _, _ in spans]
     pitch = float(np.median(np.diff(rows))) if len(rows) > 1 else 0.25 * work_rgb.shape[0]
@@ -436,8 +443,11 @@ def calibrate(work_rgb: np.ndarray, read: Digitized, speed_mm_s: float = 25.0, g
                      "assumes 10 s per row; check the paper speed")
     for note in notes:
         log.debug(note)
+    shifts = None
+    if source == "grid":
+        shifts = sample_shifts(lines, read.rows, read.boxes, ppm, grid.minor_seen, ppm * speed_mm_s, N_SAMPLES, FS)
     return Calibration(float(ppm), source, float(speed_mm_s), float(gain), grid, pulse, pulse_ppm,
-                       None if ppm_y is None else float(ppm_y), float(row_s), notes)
+                       None if ppm_y is None else float(ppm_y), float(row_s), notes, read.time_axis == "ticks", shifts)
 
 
 def to_millivolts(read: Digitized, cal: Calibration, fs: float = 500.0) -> np.ndarray:
@@ -462,6 +472,7 @@ def to_millivolts(read: Digitized, cal: Calibration, fs: float = 500.0) -> np.nd
         valid = np.isfinite(mv[lead])
         if valid.sum() < 2:
             continue
-        vals = np.interp(t_out, t_in[valid], mv[lead][valid])
+        t_lead = t_in if cal.shifts is None else t_in - cal.shifts[lead]
+        vals = np.interp(t_out, t_lead[valid], mv[lead][valid])
         out[:, lead] = np.where(valid[nearest] & inside, vals, np.nan)
     return out

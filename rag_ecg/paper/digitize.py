@@ -13,8 +13,10 @@ the encoder reads those. Every step uses what all printed ECGs share, never the 
 4. rows: heights where ink runs across most of the page; the largest evenly spaced set is the trace
    rows (header text, stamps and labels are not evenly spaced and do not run across the page); 3 rows
    -> 3x4, 4 -> 3x4 + rhythm strip, 6 -> 6x2, 12 -> 12x1 (the layouts clinics print);
-5. per row, the trace is followed column by column (the ink run nearest to where it was), the
-   calibration pulse is skipped, and each column's time window is placed on the 10-second axis.
+5. per row, the trace is followed column by column (the ink run nearest to where it was; a column's height
+   is recovered from its ink run with the pen's width taken out, `rows`), the calibration pulse is skipped,
+   and each column's time window is placed on the 10-second axis, to a fraction of a pixel by the ticks
+   printed between leads where there are any (`time_axis`).
 
 Amplitudes come out in units of the page's own scale (baseline removed, divided by a robust page-wide
 amplitude), so paper gain, dpi and camera distance do not matter; `canonicalize` applies the same
@@ -44,6 +46,7 @@ from rag_ecg.paper.rows import (
     trace_extent,
 )
 from rag_ecg.paper.segmenter import default_segmenter, trace_map
+from rag_ecg.paper.time_axis import row_axes
 
 T_SECONDS = 10.0  # the canonical page: 10 s (one full row at 25 mm/s)
 FS = 100.0  # canonical sampling rate, Hz
@@ -54,6 +57,7 @@ METHODS = ("auto", "classical", "learned")  # classical, learned where it fails 
 # the trace segmenter's map (paper/segmenter.py)
 FAINT_CORE_PCT = 99.0  # ink percentile that sets full strength on a second read (default 99.7)
 MIN_CONTINUITY = 0.6  # share of columns where a row's line must continue from the previous column
+MIN_TICKED = 0.5  # share of a page's lead switches that must show a tick for its ticks to count (printers tick all)
 
 LAYOUT_BY_ROWS = {3: "3x4", 4: "3x4+II", 6: "6x2", 12: "12x1"}
 _LEAD_INDEX = {ld: i for i, ld in enumerate(STANDARD_LEADS)}
@@ -84,6 +88,8 @@ class Digitized:
     # picture's px -> the working page's px before the deskew rotation; None: the page was read as it lies
     resized_size: tuple[int, int] = (0, 0)  # (width, height) of the resized, turned picture (work_size if no
     # correction)
+    time_axis: str = "extent"  # what placed the samples on the rows (`time_axis.row_axes`): "ticks" (the ticks
+    # between leads, at k T / n of each row) or "extent" (a row's first and last inked columns span 10 s)
 
     @property
     def upside_down(self) -> bool:
@@ -264,34 +270,40 @@ def _read(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int, met
     up, down = pulse_sides(ink, rows, pitch, extents)
     followed, extents = _trim_pulses(followed, extents, pitch)
     row_leads = _row_leads(layout, rhythm_lead)
-    for r, (y, (a, b), leads) in enumerate(zip(rows, extents, row_leads)):
-        seps = separator_columns(ink, y, pitch, a, b, len(leads))
+    found = [separator_columns(ink, y, pitch, a, b, len(leads)) for y, (a, b), leads in zip(rows, extents, row_leads)]
+    if sum(map(len, found)) < MIN_TICKED * sum(len(leads) - 1 for leads in row_leads):
+        found = [[] for _ in rows]  # a QRS crossing the baseline at a column's start, not a printer's ticks
+    ticks = [[(k, x) for k, _, _, x in seps if x is not None] for seps in found]
+    for r, (y, (a, b), seps) in enumerate(zip(rows, extents, found)):
         if seps:  # blank the ticks and follow again: the pen is carried across, not led down a tick onto a label
             band = ink[max(0, int(y - pitch)):int(y + pitch) + 1].copy()
-            for s, e in seps:
+            for _, s, e, _ in seps:
                 band[:, max(0, s):e + 1] = 0
             trace, cont, peaks = follow_trace(band, y - max(0, int(y - pitch)), pitch, a, b)
-            for s, e in seps:
+            for _, s, e, _ in seps:
                 _bridge(trace, s - a, e - a)
             followed[r] = (trace, cont, peaks)
     continuity = float(np.median([f[1] for f in followed]))
     if continuity < MIN_CONTINUITY:
         raise DigitizeError(f"no readable ECG traces: the row lines are broken ({continuity:.0%} of columns continue "
                             "the line; pen traces are continuous)")
-    rows_10s = [_resample(t, N_SAMPLES, peaks) for t, _, peaks in followed]
+    axes, ticked = row_axes(extents, ticks, [len(leads) for leads in row_leads], N_SAMPLES)
+    rows_10s = [_resample(t, N_SAMPLES, peaks, start - a, step)
+                for (t, _, peaks), (a, _), (start, step) in zip(followed, extents, axes)]
     signal, mask, scale = _lay_out(layout, rhythm_lead, lambda row, lead: rows_10s[row])
     skew = row_skew(signal, [[_LEAD_INDEX[ld] for ld in leads] for leads in row_leads])
     raw = np.full(signal.shape, np.nan, np.float32)
     boxes = []
     for row, leads in enumerate(row_leads):  # each printed column: its raw heights and where it sits
-        (a, b), n = extents[row], len(leads)
+        (start, step), n = axes[row], len(leads)
         for c, lead in enumerate(leads):
             s, e = c * N_SAMPLES // n, (c + 1) * N_SAMPLES // n
             raw[_LEAD_INDEX[lead], s:e] = rows_10s[row][s:e]
-            boxes.append((lead, (a + (b - a) * c / n, rows[row] - 0.5 * pitch, a + (b - a) * (c + 1) / n,
+            boxes.append((lead, (start + step * s, rows[row] - 0.5 * pitch, start + step * N_SAMPLES * (c + 1) / n,
                                  rows[row] + 0.5 * pitch), T_SECONDS * c / n, T_SECONDS * (c + 1) / n))
     return Digitized(signal, mask, layout, float(angle), [float(y) for y in rows], (int(x0), int(x1)),
-                     turns % 4, skew, scale, work_scale, (work.shape[1], work.shape[0]), boxes, raw, (up, down), method)
+                     turns % 4, skew, scale, work_scale, (work.shape[1], work.shape[0]), boxes, raw, (up, down), method,
+                     time_axis="ticks" if ticked else "extent")
 
 
 def canonicalize(signal_mv: np.ndarray, fs: float, layout: str = "12x1", rhythm_lead: str = "II",
@@ -391,12 +403,14 @@ def _trim_pulses(followed, extents, pitch):
 
 
 def _bridge(trace: np.ndarray, s: int, e: int) -> None:
-    """Replace trace[s..e] (inclusive) by the straight line between its neighbours, in place."""
+    """Replace trace[s..e] (inclusive), a tick between two leads, by its neighbours held up to its middle, in place:
+    the leads either side are different signals, so a ramp between them would blend one into the other."""
     s, e = max(0, s), min(trace.size - 1, e)
     if e <= s:
         return
-    left, right = trace[max(0, s - 1)], trace[min(trace.size - 1, e + 1)]
-    trace[s:e + 1] = np.linspace(left, right, e - s + 1)
+    mid = (s + e + 1) // 2
+    trace[s:mid] = trace[max(0, s - 1)]
+    trace[mid:e + 1] = trace[min(trace.size - 1, e + 1)]
 
 
 def _row_leads(layout: str, rhythm_lead: str) -> list[list[str]]:
@@ -405,15 +419,16 @@ def _row_leads(layout: str, rhythm_lead: str) -> list[list[str]]:
     return LEAD_ROWS[layout]
 
 
-def _resample(x: np.ndarray, n: int, peaks: np.ndarray | None = None) -> np.ndarray:
-    """`x` (one value per column) at `n` evenly spaced samples; each flagged peak column sets its nearest sample,
-    so a spike one or two columns wide keeps its height (plain interpolation between columns would cut it)."""
+def _resample(x: np.ndarray, n: int, peaks: np.ndarray, start: float, step: float) -> np.ndarray:
+    """`x` (one value per column) at `n` samples, sample j at column `start + j * step` (`time_axis.row_axes`); each
+    flagged peak column sets its nearest sample, so a spike one or two columns wide keeps its height (plain
+    interpolation between columns would cut it)."""
     if x.size < 2:
         return np.zeros(n, np.float32)
-    src = np.linspace(0.0, 1.0, x.size)
-    dst = np.linspace(0.0, 1.0, n)
-    out = np.interp(dst, src, x).astype(np.float32)
-    if peaks is not None and peaks.any():
+    out = np.interp(start + np.arange(n) * step, np.arange(x.size), x).astype(np.float32)
+    if peaks.any():
         cols = np.flatnonzero(peaks)
-        out[np.rint(cols * (n - 1) / (x.size - 1)).astype(int)] = x[cols]
+        j = np.rint((cols - start) / step).astype(int)
+        ok = (j >= 0) & (j < n)
+        out[j[ok]] = x[cols[ok]]
     return out

@@ -11,6 +11,7 @@ import numpy as np
 
 from rag_ecg.errors import InputError
 from rag_ecg.paper.ink import INK_ON
+from rag_ecg.paper.time_axis import tick_centre
 
 MAX_INK_DENSITY = 0.15  # share of a page's trace area that may be ink (pen lines: ~2-6 %)
 ROW_COUNTS = (3, 4, 6, 12)  # trace rows of the layouts clinics print
@@ -186,27 +187,50 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int,
 
 
 def _column_heights(top_y: np.ndarray, bot_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(pen centre y per column, peak/trough flags) from each column's chosen ink run [top_y, bot_y]."""
+    """(pen centre y per column, peak/trough flags) from each column's chosen ink run [top_y, bot_y].
+
+    A column's run is the pen centre line's whole range over the pen's width around the column (a max and a min
+    filter of the line), so the run's middle leads the line where a flat stretch turns steep (the start of a QRS
+    reads early). The line is recovered morphologically: eroding the run's top (less half a pen) by the pen's
+    half width gives the line's closing, dilating its bottom its opening; both equal the line wherever it runs
+    one way, the closing keeps the peaks, the opening the troughs."""
     y = 0.5 * (top_y + bot_y)
     if y.size < 3:
         return y, np.zeros(y.size, bool)
     pen = float(np.median(bot_y - top_y))  # the pen's width where the line runs flat
-    t_l, t_r = np.r_[np.inf, top_y[:-1]], np.r_[top_y[1:], np.inf]
-    b_l, b_r = np.r_[-np.inf, bot_y[:-1]], np.r_[bot_y[1:], -np.inf]
     tall = bot_y - top_y > pen + 1.5
-    peak = tall & (top_y <= np.minimum(t_l, t_r)) & (top_y < np.maximum(t_l, t_r) - 0.5)  # a 2-column top too
-    trough = tall & (bot_y >= np.maximum(b_l, b_r)) & (bot_y > np.minimum(b_l, b_r) + 0.5) & ~peak
-    peak, trough = _centres(peak), _centres(trough)  # a turn 2-3 columns wide (a thick pen) peaks once
+    peak = _turns(top_y, tall)
+    trough = _turns(-bot_y, tall) & ~peak
+    k = int(np.floor(0.5 * pen + 0.5))  # the pen's half width, columns (pen: its thickness less one px)
+    if k:
+        win = np.ones((1, 2 * k + 1), np.uint8)
+        hi = (top_y + 0.5 * pen).astype(np.float32).reshape(1, -1)  # the line's highest point near each column
+        lo = (bot_y - 0.5 * pen).astype(np.float32).reshape(1, -1)
+        closing = cv2.dilate(hi, win, borderType=cv2.BORDER_REPLICATE).ravel()  # image y: dilate = lower on paper
+        opening = cv2.erode(lo, win, borderType=cv2.BORDER_REPLICATE).ravel()
+        near = np.ones(2 * k + 3, np.float32)
+        near_peak = np.convolve(peak.astype(np.float32), near, "same") > 0
+        near_trough = np.convolve(trough.astype(np.float32), near, "same") > 0
+        y = np.where(near_peak & ~near_trough, closing, np.where(near_trough & ~near_peak, opening,
+                                                                    0.5 * (closing + opening)))
     y = np.where(peak, top_y + 0.5 * pen, np.where(trough, bot_y - 0.5 * pen, y)).astype(np.float32)
     return y, peak | trough
 
 
-def _centres(flags: np.ndarray) -> np.ndarray:
-    """Only the middle column of each run of flagged columns stays flagged."""
-    out = np.zeros_like(flags)
-    d = np.diff(np.r_[0, flags.astype(np.int8), 0])
-    starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1) - 1
-    out[(starts + ends) // 2] = True
+def _turns(top: np.ndarray, tall: np.ndarray) -> np.ndarray:
+    """The middle column of each peak of `top` (image y: smaller is higher): a run of columns level within half a
+    pixel whose neighbours on both sides are lower, one of its columns' runs taller than the pen (`tall`). A pen's
+    tip is as wide as the pen, so a spike's top spans 2-4 columns of equal height: one turn, not one per side
+    (which read as a notch in the middle of a QRS)."""
+    n = top.size
+    starts = np.flatnonzero(np.r_[True, np.abs(np.diff(top)) > 0.5])  # runs of columns level with the previous
+    ends = np.r_[starts[1:], n] - 1
+    lo = np.minimum.reduceat(top, starts)
+    left = np.where(starts > 0, top[np.maximum(starts - 1, 0)], np.inf)
+    right = np.where(ends < n - 1, top[np.minimum(ends + 1, n - 1)], np.inf)
+    turn = (left > lo) & (right > lo) & (np.maximum.reduceat(tall, starts) > 0) & (ends - starts < n - 1)
+    out = np.zeros(n, bool)
+    out[(starts[turn] + ends[turn]) // 2] = True
     return out
 
 
@@ -252,20 +276,25 @@ def _pulse_at_start(t: np.ndarray, pitch: float) -> int:
     return fall + 1
 
 
-def separator_columns(ink: np.ndarray, base: float, pitch: float, a: int, b: int, n_cols: int) -> list[tuple[int, int]]:
-    """Column ranges (inclusive, page px) of the vertical ticks some printers draw where a row switches lead: a
-    stroke crossing the baseline both ways right at a column boundary. Following the trace there would turn the
-    tick into a spike in the next lead, so the caller bridges these columns."""
+def separator_columns(ink: np.ndarray, base: float, pitch: float, a: int, b: int,
+                      n_cols: int) -> list[tuple[int, int, int, float | None]]:
+    """(boundary k of the row's n_cols columns, first and last column (inclusive, page px), sub-pixel centre) of the
+    vertical ticks some printers draw where a row switches lead: a stroke crossing the baseline both ways right at
+    a column boundary. Following the trace there would turn the tick into a spike in the next lead, so the caller
+    bridges these columns; the centres mark the switch's time (`time_axis`)."""
     h = ink.shape[0]
-    reach = max(2, int(round(0.06 * pitch)))
+    reach = max(2, int(round(0.03 * pitch)))  # ticks run 1-3 mm each way (pitch: 15-60 mm)
     lo, hi = max(0, int(round(base - reach))), min(h, int(round(base + reach)) + 1)
     half = max(2, int(round(0.006 * (b - a))))
     spans = []
     for c in range(1, n_cols):
         xb = int(round(a + (b - a) * c / n_cols))
         cols = [x for x in range(max(a, xb - half), min(b, xb + half) + 1) if (ink[lo:hi, x] > INK_ON).all()]
-        if cols:
-            spans.append((min(cols) - 1, max(cols) + 1))
+        if cols:  # the stroke nearest the boundary (a QRS crossing the baseline beside the tick is not part of it)
+            groups = np.split(np.asarray(cols), np.flatnonzero(np.diff(cols) > 1) + 1)
+            g = min(groups, key=lambda g: min(abs(g[0] - xb), abs(g[-1] - xb)))
+            span = (int(g[0]) - 1, int(g[-1]) + 1)
+            spans.append((c, *span, tick_centre(ink, base, reach, span)))
     return spans
 
 
