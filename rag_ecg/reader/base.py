@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Sequence
 
 from rag_ecg.errors import BackendError
-from rag_ecg.reader.token_budget import FittedPrompt, plain_prompt
+from rag_ecg.reader.token_budget import FittedPrompt, fit_prompt, plain_prompt
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -35,8 +35,12 @@ class LLMBackend(ABC):
 
     def prepare(self, evidence: "Evidence", image: "Image.Image | None" = None, cot: bool = True,
                 max_cases: int | None = None, measured: str = "") -> FittedPrompt:
-        """The prompt for one chart; a backend that knows its context window fits it there (vllm)."""
-        return plain_prompt(evidence, image, cot, max_cases, measured)
+        """The prompt for one chart; a backend that knows its context window (`window`, with `count` and
+        `min_answer`: vllm, hf) fits it there, the lowest-ranked cases dropped with a note."""
+        window = getattr(self, "window", None)
+        if window is None:
+            return plain_prompt(evidence, image, cot, max_cases, measured)
+        return fit_prompt(evidence, image, cot, max_cases, measured, self.count, window, self.min_answer)
 
     def compose(self, evidence: "Evidence", measurements: dict | None = None) -> "Report":
         raise BackendError(f"backend {self.name!r} generates text; use interpret() to build a report")

@@ -16,7 +16,7 @@ import torch
 from rag_ecg.errors import BackendError
 from rag_ecg.reader.base import LLMBackend
 from rag_ecg.reader.messages import chat_messages
-from rag_ecg.reader.token_budget import FittedPrompt, PromptTooLongError, fit_prompt, plain_prompt
+from rag_ecg.reader.token_budget import PromptTooLongError
 
 
 @dataclass
@@ -95,14 +95,10 @@ class HFBackend(LLMBackend):
         ids = self.processor(images=imgs or None, text=prompt)["input_ids"][0]
         return len(ids), "counted by the model's processor"
 
-    def prepare(self, evidence, image=None, cot: bool = True, max_cases: int | None = None,
-                measured: str = "") -> FittedPrompt:
-        """The prompt fitted into the model's window (cases dropped from the lowest rank, with a note)."""
-        window = self.window
-        if window is None:
-            return plain_prompt(evidence, image, cot, max_cases, measured)
-        return fit_prompt(evidence, image, cot, max_cases, measured, self.count, window,
-                          min(self.config.min_answer_tokens, self.config.max_new_tokens))
+    @property
+    def min_answer(self) -> int:
+        """Tokens the window must leave for the answer (`prepare` drops cases until it does)."""
+        return min(self.config.min_answer_tokens, self.config.max_new_tokens)
 
     def generate(self, messages: Sequence[Any], images: Sequence = ()) -> str:
         prompt, imgs = self.prompt_text(messages, images)

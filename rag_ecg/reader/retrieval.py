@@ -165,7 +165,7 @@ class RetrievalBackend(LLMBackend):
                  f"measured {why}."]
         if norm is not None:
             notes.append(f"Not called a normal ECG although the similar cases voted so ({norm.confidence:.2f}): "
-                         f"the measured {why.split(' meeting')[0]} contradicts it.")
+                         "the measurement contradicts it.")
         if not any(d.superclass == "MI" and d.code is None for d in kept):
             kept.insert(0, Diagnosis(label=label, confidence=round(max(vote, self._threshold(evidence, "MI")), 4),
                                      superclass="MI", cited=[], basis="measured"))

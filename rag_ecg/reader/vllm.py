@@ -26,8 +26,8 @@ from rag_ecg.reader.base import LLMBackend
 from rag_ecg.reader.circuit import CircuitBreaker
 from rag_ecg.reader.messages import to_openai_messages
 from rag_ecg.reader.report_schema import response_format
-from rag_ecg.reader.token_budget import (EstimateCounter, FittedPrompt, LocalTokenizer, PromptTooLongError, VisionGrid,
-                                         fit_prompt, image_tokens, plain_prompt, text_messages)
+from rag_ecg.reader.token_budget import (EstimateCounter, LocalTokenizer, PromptTooLongError, VisionGrid, image_tokens,
+                                         text_messages)
 from rag_ecg.redact import mask_url
 
 log = logging.getLogger(__name__)
@@ -173,14 +173,10 @@ class VLLMBackend(LLMBackend):
         n, how = self._count_text(texts)
         return n + sum(image_tokens(*im.size, self.vision) for im in imgs), how
 
-    def prepare(self, evidence, image=None, cot: bool = True, max_cases: int | None = None,
-                measured: str = "") -> FittedPrompt:
-        """The prompt fitted into the server's window (cases dropped from the lowest rank, with a note)."""
-        window = self.window
-        if window is None:
-            return plain_prompt(evidence, image, cot, max_cases, measured)
-        return fit_prompt(evidence, image, cot, max_cases, measured, self.count, window,
-                          min(self.config.min_answer_tokens, self.config.max_tokens))
+    @property
+    def min_answer(self) -> int:
+        """Tokens the window must leave for the answer (`prepare` drops cases until it does)."""
+        return min(self.config.min_answer_tokens, self.config.max_tokens)
 
     # ------------------------------------------------------------------ calls
     def _probe(self) -> bool:

@@ -141,16 +141,12 @@ def fit_site(base: Calibration, votes: np.ndarray, head: np.ndarray | None, y: n
     build's — refitting the whole fusion on 50 LUDB charts lost 0.07 AUC, a free Platt slope diverged), and the
     F1-best threshold. A label the reads hold no positive or no negative of keeps `base`'s probability and
     threshold."""
-    built = replace(base, site=None)
-    probs = np.array([[built.probability(lab, votes[i, j], None if head is None else head[i, j])
-                       for j, lab in enumerate(labels)] for i in range(len(votes))])
+    probs = _probabilities(replace(base, site=None), votes, head, labels)
     out = replace(base, site={}, thresholds=dict(base.thresholds or {}), fitted_on=fitted_on)
     refit = [j for j in range(len(labels)) if 0 < y[:, j].sum() < len(y)]
     for j in refit:
         out.site[labels[j]] = [1.0, fit_shift(_logit(probs[:, j]), y[:, j])]
-    site_probs = np.array([[out.probability(lab, votes[i, j], None if head is None else head[i, j])
-                            for j, lab in enumerate(labels)] for i in range(len(votes))])
-    thresholds = choose_thresholds(y, site_probs)
+    thresholds = choose_thresholds(y, _probabilities(out, votes, head, labels))
     for j in refit:
         if np.isfinite(thresholds[j]):  # in [0, 1]: 0 = state it always (F1-best where nearly all carry it)
             out.thresholds[labels[j]] = float(np.clip(thresholds[j], 0.0, 1.0))
@@ -170,14 +166,18 @@ def fit_on_reads(base: Calibration, votes: np.ndarray, head: np.ndarray | None, 
         out.platt[labels[j]] = list(fit_platt(votes[:, j], y[:, j]))
         if head is not None:
             out.fusion[labels[j]] = fit_fusion(votes[:, j], head[:, j], y[:, j])
-    probs = np.array([[out.probability(lab, votes[i, j], None if head is None else head[i, j])
-                       for j, lab in enumerate(labels)] for i in range(len(votes))])
-    thresholds = choose_thresholds(y, probs)
+    thresholds = choose_thresholds(y, _probabilities(out, votes, head, labels))
     for j in refit:
         if np.isfinite(thresholds[j]):
             out.thresholds[labels[j]] = float(thresholds[j])
     out.fusion = out.fusion or None
     return out
+
+
+def _probabilities(cal: Calibration, votes: np.ndarray, head: np.ndarray | None, labels: Sequence[str]) -> np.ndarray:
+    """(n, labels) probabilities `cal` gives reads with these votes (and head logits)."""
+    return np.array([[cal.probability(lab, votes[i, j], None if head is None else head[i, j])
+                      for j, lab in enumerate(labels)] for i in range(len(votes))])
 
 
 def top_quantiles(best: np.ndarray) -> list[float]:
