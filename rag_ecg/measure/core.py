@@ -14,7 +14,7 @@ from rag_ecg.data.records import STANDARD_LEADS
 from rag_ecg.measure import median_beat
 from rag_ecg.measure.axis import HEXAXIAL_DEG, frontal_axis
 from rag_ecg.measure.beats import Beats, detect
-from rag_ecg.measure.delineate import Fiducials, delineate
+from rag_ecg.measure.delineate import MIN_P_MV, Fiducials, delineate
 from rag_ecg.measure.qwaves import prior_mi_leads, q_waves
 from rag_ecg.measure.result import Measurements, Value
 from rag_ecg.measure.signal import FS, to_working_rate
@@ -97,8 +97,11 @@ def _intervals(out: Measurements, fid: Fiducials, beats: Beats, irregular: bool 
     if irregular:
         out.pr_ms = Value.missing("irregularly irregular rhythm (atrial fibrillation?): no PR interval")
     else:
-        out.pr_ms = _interval("pr_ms", fid.p_on, fid.qrs_on, fid.p_leads, base * _share(fid.p_mv, 0.15),
-                              f"no P wave found (spatial P magnitude {fid.p_mv:.3f} mV)")
+        weak = f"no P wave found (spatial P magnitude {fid.p_mv:.3f} mV, below {MIN_P_MV:g})"
+        why = ("no lead shows the 330 ms before the QRS" if not fid.p_leads else weak if fid.p_mv < MIN_P_MV
+               else "no P wave found: the largest wave in the 330 ms before the QRS starts at that window's edge "
+                    "(a preceding T wave, or a P wave too early to tell)")
+        out.pr_ms = _interval("pr_ms", fid.p_on, fid.qrs_on, fid.p_leads, base * _share(fid.p_mv, 0.15), why)
     rr = float(np.median(beats.rr_s))
     if out.qt_ms.value is not None:
         qt = out.qt_ms
