@@ -272,7 +272,7 @@ def main() -> None:
             try:
                 sig, fs = (rec.signal_mv(), rec.fs) if cond == "signal" else (page_signal(rec, cond, args.seed + i), 500.0)
                 m = measure_signal(sig, fs, rec.sex, rec.age).to_dict()
-                row.update({k: m[k] for k in (*KEYS, "qrs_axis_deg", "rr_irregular")})
+                row.update({k: m[k] for k in (*KEYS, "qrs_axis_deg", "rr_irregular", "prior_mi_q_leads")})
             except RagEcgError as exc:
                 row["error"] = str(exc)
             rows.append(row)
@@ -286,6 +286,8 @@ def main() -> None:
             f"{k} MAE {s['mae']:.1f}" for k, s in held.items() if s["mae"] is not None))
         print("   " + rhythm_scores(rows, ludb))
         figures["conditions"][cond] = {"all": summ, "51-100": held, "unread": failed}
+        if cond == "signal":
+            q_hit = {r["id"]: bool(r.get("prior_mi_q_leads")) for r in rows}  # the Q-wave flag's figure, below
 
     # STEMI flag
     rows_px, _ = read_ptbxl_index(data / "ptbxl")
@@ -316,8 +318,6 @@ def main() -> None:
           "z-scored leads carry no mV)")
     figures["stemi"]["ludb_marked/j"] = line
     ludb_mi = [i for i in ids if "MI" in ludb[i].labels]
-    q_hit = {i: bool(measure_signal(ludb[i].signal_mv(), ludb[i].fs, ludb[i].sex, ludb[i].age).prior_mi_q_leads)
-             for i in ids}
     line = (f"Q-wave (prior MI) flag on the LUDB signals: {sum(q_hit[i] for i in ludb_mi)}/{len(ludb_mi)} records "
             f"labelled MI, {sum(q_hit[i] for i in ids if i not in ludb_mi)}/{len(ids) - len(ludb_mi)} others")
     print(f"{'signal':7s}{line}")
