@@ -90,9 +90,10 @@ def _sex(sex: Optional[str]) -> Optional[str]:
     """--sex as M or F (None: not given); anything else is one line, exit 2."""
     if sex is None:
         return None
-    if sex.strip().upper()[:1] not in ("M", "F") or not sex.strip():
+    first = sex.strip().upper()[:1]  # "" for an empty value: not M or F either
+    if first not in ("M", "F"):
         raise InputError(f"--sex {sex!r} is not M or F")
-    return sex.strip().upper()[:1]
+    return first
 
 
 def _reader(config: Optional[Path], backend: Optional[str], max_tokens: Optional[int], no_cot: bool,
