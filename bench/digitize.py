@@ -65,7 +65,9 @@ def main() -> None:
                 t = time.perf_counter()
                 image, result = render_page_and_layout(rec, preset=preset, seed=7000 + i, dpi=args.dpi)
                 render_s = time.perf_counter() - t
-                pages.append((np.asarray(image), _own_truth(rec, result), result.config.layout, render_s))
+                cfg = result.config  # the renderer calls every one-strip page "3x4+II"; the strip is cfg.rhythm_lead
+                layout = f"3x4+{cfg.rhythm_lead}" if cfg.layout == "3x4+II" else cfg.layout
+                pages.append((np.asarray(image), _own_truth(rec, result), layout, render_s))
             _score_set(out, f"own/{preset}", pages, methods)
     if "kit" in sets:
         kit = read_kit_pages(data / "ecg-image-kit")

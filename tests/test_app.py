@@ -32,7 +32,7 @@ from rag_ecg.data.images import ImageLoadError, load_image
 from tests.openai_server import OpenAITestServer
 from tests.rag_ecg.reader.test_report import GOOD_JSON, answer
 
-PICTURE = "khan/HMI_0011.jpg"  # a real hospital printout scan (3x4 + rhythm strip), 2213x1572
+PICTURE = "khan/HMI_0011.jpg"  # a real hospital printout scan (3x4 + a lead III rhythm strip), 2213x1572
 SMALL = "assorted/ecg00006.png"  # a real 3x4 printout, 1380x730 (one of the examples offered)
 
 
@@ -94,7 +94,7 @@ def test_a_real_picture_gets_traces_measurements_neighbours_and_a_cited_report(a
     res = post(app_server.url + "/api/analyze", [(pic.name, pic.read_bytes())])
     assert res.status_code == 200, res.text
     out = res.json()
-    assert out["name"] == pic.name and out["digitized"]["layout"] == "3x4+II"
+    assert out["name"] == pic.name and out["digitized"]["layout"] == "3x4+III"  # the strip printed here is III
     ids = [n["case_id"] for n in out["neighbours"]]
     assert len(ids) == 8 and len(set(ids)) == 8
     assert out["cited_case_ids"] and set(out["cited_case_ids"]) <= set(ids)
@@ -128,8 +128,9 @@ def test_a_real_picture_gets_traces_measurements_neighbours_and_a_cited_report(a
         z.extractall(folder)
     rec = wfdb.rdrecord(str(folder / "HMI_0011"))
     assert rec.fs == 500 and rec.sig_name[:3] == ["I", "II", "III"] and set(rec.units) == {"mV"}
-    assert np.isfinite(rec.p_signal).any(axis=0).all()  # every lead of a 3x4+II page holds samples
-    assert json.loads((folder / "HMI_0011.json").read_text())["layout"] == "3x4+II"
+    assert np.isfinite(rec.p_signal).any(axis=0).all()  # every lead of a 3x4 + strip page holds samples
+    assert np.isfinite(rec.p_signal[:, 2]).mean() > 0.95  # lead III: (about) the whole 10 s, from the strip
+    assert json.loads((folder / "HMI_0011.json").read_text())["layout"] == "3x4+III"
 
 
 def test_bad_files_get_the_cli_one_line_errors(app_server, tmp_path):

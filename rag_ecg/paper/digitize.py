@@ -12,7 +12,8 @@ the encoder reads those. Every step uses what all printed ECGs share, never the 
 3. grey grid lines (black grid, photocopies) removed as long straight horizontal/vertical strokes;
 4. rows: heights where ink runs across most of the page; the largest evenly spaced set is the trace
    rows (header text, stamps and labels are not evenly spaced and do not run across the page); 3 rows
-   -> 3x4, 4 -> 3x4 + rhythm strip, 6 -> 6x2, 12 -> 12x1 (the layouts clinics print);
+   -> 3x4, 4 -> 3x4 + a rhythm strip, 6 -> 6x2 or 3x4 + three strips, 12 -> 12x1; each strip is named by
+   the block's cell it repeats (`strips`), not by the row count or its printed label;
 5. per row, the trace is followed column by column (the ink run nearest to where it was; a column's height
    is recovered from its ink run with the pen's width taken out, `rows`), the calibration pulse is skipped,
    and each column's time window is placed on the 10-second axis, to a fraction of a pixel by the ticks
@@ -32,21 +33,12 @@ import numpy as np
 from rag_ecg.data.records import STANDARD_LEADS
 from rag_ecg.errors import InputError
 from rag_ecg.paper.ink import deskew_angle, ink_map, remove_grid_lines, rotate
-from rag_ecg.paper.layout import LEAD_ROWS
 from rag_ecg.paper.orientation import lines_across, row_skew
 from rag_ecg.paper.perspective import Rectification, estimate, rectify
-from rag_ecg.paper.rows import (
-    DigitizeError,
-    check_line_drawing,
-    find_rows,
-    follow_trace,
-    pulse_columns,
-    pulse_sides,
-    separator_columns,
-    trace_extent,
-)
+from rag_ecg.paper.row_read import read_layout
+from rag_ecg.paper.rows import DigitizeError, row_sets
 from rag_ecg.paper.segmenter import default_segmenter, trace_map
-from rag_ecg.paper.time_axis import row_axes
+from rag_ecg.paper.strips import layout_rows
 
 T_SECONDS = 10.0  # the canonical page: 10 s (one full row at 25 mm/s)
 FS = 100.0  # canonical sampling rate, Hz
@@ -56,10 +48,6 @@ MAX_WORK_HEIGHT = 4 * WORK_WIDTH  # pages taller than 4:1 are refused: the worki
 METHODS = ("auto", "classical", "learned")  # classical, learned where it fails | ink map + grid-line removal |
 # the trace segmenter's map (paper/segmenter.py)
 FAINT_CORE_PCT = 99.0  # ink percentile that sets full strength on a second read (default 99.7)
-MIN_CONTINUITY = 0.6  # share of columns where a row's line must continue from the previous column
-MIN_TICKED = 0.5  # share of a page's lead switches that must show a tick for its ticks to count (printers tick all)
-
-LAYOUT_BY_ROWS = {3: "3x4", 4: "3x4+II", 6: "6x2", 12: "12x1"}
 _LEAD_INDEX = {ld: i for i, ld in enumerate(STANDARD_LEADS)}
 
 
@@ -69,7 +57,7 @@ class Digitized:
 
     signal: np.ndarray  # (12, N) float32, page-normalised amplitude, 0 where the lead was not printed
     mask: np.ndarray  # (12, N) bool, True where the lead was printed
-    layout: str  # the layout read from the row count
+    layout: str  # the layout read: "3x4", "6x2", "12x1", "3x4+II" (a 3x4 block and a lead II strip), "3x4+V1/II/V5"
     angle: float  # deskew rotation applied, degrees
     rows: list[float] = field(default_factory=list)  # trace row baselines, working-resolution pixels
     x_range: tuple[int, int] = (0, 0)  # median trace start and end column, working-resolution pixels
@@ -142,7 +130,8 @@ def digitize(page: np.ndarray, rhythm_lead: str = "II", method: str = "auto", fl
     the one whose calibration pulses stand up at the rows' starts wins, then the one whose traces skew upward.
     A page whose rows end in pulses hanging down lies upside down (`rows.pulse_sides`): read again turned 180°.
     An upright page costs one read. A page photographed at a slant is flattened first (`perspective`; `flatten`
-    False: read as it lies)."""
+    False: read as it lies). A rhythm strip is named by the block cell it repeats (`strips`); `rhythm_lead` names a
+    lone strip that repeats none clearly."""
     if method not in METHODS:
         raise InputError(f"digitize method {method!r} is not one of {', '.join(METHODS)}")
     if page.ndim != 3 or page.shape[2] != 3 or page.dtype != np.uint8:
@@ -261,36 +250,12 @@ def _read(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int, met
         ink = rotate(ink, angle)
     if not learned:  # the segmenter marks traces only
         ink = remove_grid_lines(ink)
-    rows, pitch = find_rows(ink)
-    layout = LAYOUT_BY_ROWS[len(rows)]
-    extents = trace_extent(ink, rows, pitch)
-    x0, x1 = (int(np.median([e[i] for e in extents])) for i in (0, 1))
-    check_line_drawing(ink, rows, pitch, x0, x1)
-    followed = [follow_trace(ink, y, pitch, a, b) for y, (a, b) in zip(rows, extents)]
-    up, down = pulse_sides(ink, rows, pitch, extents)
-    followed, extents = _trim_pulses(followed, extents, pitch)
-    row_leads = _row_leads(layout, rhythm_lead)
-    found = [separator_columns(ink, y, pitch, a, b, len(leads)) for y, (a, b), leads in zip(rows, extents, row_leads)]
-    if sum(map(len, found)) < MIN_TICKED * sum(len(leads) - 1 for leads in row_leads):
-        found = [[] for _ in rows]  # a QRS crossing the baseline at a column's start, not a printer's ticks
-    ticks = [[(k, x) for k, _, _, x in seps if x is not None] for seps in found]
-    for r, (y, (a, b), seps) in enumerate(zip(rows, extents, found)):
-        if seps:  # blank the ticks and follow again: the pen is carried across, not led down a tick onto a label
-            band = ink[max(0, int(y - pitch)):int(y + pitch) + 1].copy()
-            for _, s, e, _ in seps:
-                band[:, max(0, s):e + 1] = 0
-            trace, cont, peaks = follow_trace(band, y - max(0, int(y - pitch)), pitch, a, b)
-            for _, s, e, _ in seps:
-                _bridge(trace, s - a, e - a)
-            followed[r] = (trace, cont, peaks)
-    continuity = float(np.median([f[1] for f in followed]))
-    if continuity < MIN_CONTINUITY:
-        raise DigitizeError(f"no readable ECG traces: the row lines are broken ({continuity:.0%} of columns continue "
-                            "the line; pen traces are continuous)")
-    axes, ticked = row_axes(extents, ticks, [len(leads) for leads in row_leads], N_SAMPLES)
-    rows_10s = [_resample(t, N_SAMPLES, peaks, start - a, step)
-                for (t, _, peaks), (a, _), (start, step) in zip(followed, extents, axes)]
-    signal, mask, scale = _lay_out(layout, rhythm_lead, lambda row, lead: rows_10s[row])
+    read = read_layout(ink, row_sets(ink), rhythm_lead, N_SAMPLES)
+    layout, rows, pitch, axes, ticked = read.layout, read.rows, read.pitch, read.axes, read.ticked
+    x0, x1 = (int(np.median([e[i] for e in read.extents])) for i in (0, 1))
+    up, down = read.pulses
+    row_leads, rows_10s = layout_rows(layout), read.traces
+    signal, mask, scale = _lay_out(layout, "II", lambda row, lead: rows_10s[row])
     skew = row_skew(signal, [[_LEAD_INDEX[ld] for ld in leads] for leads in row_leads])
     raw = np.full(signal.shape, np.nan, np.float32)
     boxes = []
@@ -331,7 +296,7 @@ def _lay_out(layout: str, rhythm_lead: str, source) -> tuple[np.ndarray, np.ndar
     """
     signal = np.zeros((12, N_SAMPLES), np.float32)
     mask = np.zeros((12, N_SAMPLES), bool)
-    for row, leads in enumerate(_row_leads(layout, rhythm_lead)):
+    for row, leads in enumerate(layout_rows(layout, rhythm_lead)):
         n = len(leads)
         for c, lead in enumerate(leads):
             a, b = c * N_SAMPLES // n, (c + 1) * N_SAMPLES // n
@@ -388,47 +353,3 @@ def _resize(page: np.ndarray) -> tuple[np.ndarray, float]:
     if k >= 2:  # a minimum filter first: averaging alone fades a 1-px pen line (and its QRS spikes) below INK_ON
         page = cv2.erode(page, np.ones((k, k), np.uint8))
     return cv2.resize(page, (WORK_WIDTH, max(8, int(round(h * scale)))), interpolation=interp), scale
-
-
-def _trim_pulses(followed, extents, pitch):
-    """Drop a calibration pulse printed joined to its trace from each followed row (`rows.pulse_columns`)."""
-    out_f, out_e = [], []
-    for (trace, cont, peaks), (a, b) in zip(followed, extents):
-        s, e = pulse_columns(trace, pitch)
-        if s or e:
-            trace, peaks, a, b = trace[s:trace.size - e], peaks[s:peaks.size - e], a + s, b - e
-        out_f.append((trace, cont, peaks))
-        out_e.append((a, b))
-    return out_f, out_e
-
-
-def _bridge(trace: np.ndarray, s: int, e: int) -> None:
-    """Replace trace[s..e] (inclusive), a tick between two leads, by its neighbours held up to its middle, in place:
-    the leads either side are different signals, so a ramp between them would blend one into the other."""
-    s, e = max(0, s), min(trace.size - 1, e)
-    if e <= s:
-        return
-    mid = (s + e + 1) // 2
-    trace[s:mid] = trace[max(0, s - 1)]
-    trace[mid:e + 1] = trace[min(trace.size - 1, e + 1)]
-
-
-def _row_leads(layout: str, rhythm_lead: str) -> list[list[str]]:
-    if layout == "3x4+II":
-        return LEAD_ROWS["3x4"] + [[rhythm_lead]]
-    return LEAD_ROWS[layout]
-
-
-def _resample(x: np.ndarray, n: int, peaks: np.ndarray, start: float, step: float) -> np.ndarray:
-    """`x` (one value per column) at `n` samples, sample j at column `start + j * step` (`time_axis.row_axes`); each
-    flagged peak column sets its nearest sample, so a spike one or two columns wide keeps its height (plain
-    interpolation between columns would cut it)."""
-    if x.size < 2:
-        return np.zeros(n, np.float32)
-    out = np.interp(start + np.arange(n) * step, np.arange(x.size), x).astype(np.float32)
-    if peaks.any():
-        cols = np.flatnonzero(peaks)
-        j = np.rint((cols - start) / step).astype(int)
-        ok = (j >= 0) & (j < n)
-        out[j[ok]] = x[cols[ok]]
-    return out

@@ -24,6 +24,24 @@ class DigitizeError(InputError):
 
 def find_rows(ink: np.ndarray) -> tuple[list[float], float]:
     """Baselines (px) of the trace rows and their pitch; the largest evenly spaced set of across-page rows."""
+    return row_sets(ink)[0]
+
+
+def row_sets(ink: np.ndarray) -> list[tuple[list[float], float]]:
+    """Candidate trace rows, best first: the largest evenly spaced chain of across-page rows (`find_rows`), then,
+    when more rows lie near an evenly spaced line, those (see `_even_rows`; the caller must confirm them)."""
+    peaks, cover, min_gap = _row_peaks(ink)
+    best = _chain(peaks, cover, min_gap)
+    if best is None:
+        raise DigitizeError("no readable ECG traces: no evenly spaced set of 3, 4, 6 or 12 trace rows on the page")
+    out = [(best, float(np.median(np.diff(best))))]
+    even = _even_rows(peaks, cover, min_gap, len(best))
+    return out + ([even] if even else [])
+
+
+def _row_peaks(ink: np.ndarray) -> tuple[list[int], np.ndarray, int]:
+    """(heights where ink runs across most of the page, the smoothed share of columns inked near each height, the
+    least distance between two rows)."""
     h, w = ink.shape
     on = (ink > INK_ON).astype(np.uint8)
     band = max(3, int(round(w / 130)))  # ~2.3 mm: a trace near its (possibly tilted) baseline stays within this
@@ -36,6 +54,11 @@ def find_rows(ink: np.ndarray) -> tuple[list[float], float]:
     if len(peaks) < 3:
         raise DigitizeError(f"no readable ECG traces: found {len(peaks)} trace row(s) across the page "
                             "(an ECG page has 3, 4, 6 or 12)")
+    return peaks, cover, min_gap
+
+
+def _chain(peaks: list[int], cover: np.ndarray, min_gap: int) -> list[float] | None:
+    """The largest evenly spaced set of `peaks` (most ink on a tie), following a pitch that changes steadily."""
     best, best_key = None, None
     ys = np.asarray(peaks, np.float64)
     for i in range(len(ys)):
@@ -62,10 +85,31 @@ def find_rows(ink: np.ndarray) -> tuple[list[float], float]:
                     if best_key is None or key > best_key:
                         best, best_key = rows, key
                     break
-    if best is None:
-        raise DigitizeError("no readable ECG traces: no evenly spaced set of 3, 4, 6 or 12 trace rows on the page")
-    pitch = float(np.median(np.diff(best)))
-    return [float(y) for y in best], pitch
+    return [float(y) for y in best] if best is not None else None
+
+
+def _even_rows(peaks: list[int], cover: np.ndarray, min_gap: int, found: int) -> tuple[list[float], float] | None:
+    """More rows than the chain `found` (4-6: a 3x4 block and its rhythm strips), consecutive peaks each within a
+    fifth of a pitch of an evenly spaced line. Why: a trace's ink sits where its baseline wanders to, not where
+    the printer put the row (GE pages: a quarter pitch off), so the chain, which steps from row to row, breaks,
+    while the rows' line through all of them holds. Such a set may also be a header line taken for a row: the
+    caller keeps it only when it adds rows between the chain's and reads as a block and strips (`row_read`)."""
+    ys = np.asarray(peaks, np.float64)
+    for n in range(6, found, -1):
+        if n not in (4, 5, 6):
+            continue
+        fits = []
+        for i in range(len(ys) - n + 1):
+            run = ys[i:i + n]
+            slope, icpt = np.polyfit(np.arange(n), run, 1)
+            if slope < min_gap or np.diff(run).min() < 0.6 * slope:
+                continue
+            if np.abs(run - (icpt + slope * np.arange(n))).max() <= 0.2 * slope:
+                fits.append((float(sum(cover[int(y)] for y in run)), [float(y) for y in run], float(slope)))
+        if fits:
+            _, rows, pitch = max(fits)
+            return rows, pitch
+    return None
 
 
 def trace_extent(ink: np.ndarray, rows: list[float], pitch: float) -> list[tuple[int, int]]:
@@ -102,7 +146,20 @@ def trace_extent(ink: np.ndarray, rows: list[float], pitch: float) -> list[tuple
         raise DigitizeError("trace rows hold no ink")
     med = (int(np.median([f[0] for f in good])), int(np.median([f[1] for f in good])))
     length = med[1] - med[0]
-    return [f if f is not None and f[1] - f[0] >= 0.85 * length else med for f in found]
+    found = [f if f is not None and f[1] - f[0] >= 0.85 * length else med for f in found]
+    return [(_in_line(found, r, 0, length), _in_line(found, r, 1, length)) for r in range(len(found))]
+
+
+def _in_line(extents: list[tuple[int, int]], r: int, side: int, length: int) -> int:
+    """Row r's start (side 0) or end (1), or the other rows' median when they all agree within 1 % of the row and
+    row r lies over 1.5 % outside them: a calibration pulse whose top merged with the grid's border line (GE)
+    loses that top with the border and is then read as the trace's start, 200 ms early."""
+    others = [e[side] for i, e in enumerate(extents) if i != r]
+    if len(others) < 2 or max(others) - min(others) > 0.01 * length:
+        return extents[r][side]
+    if min(others) - 0.015 * length <= extents[r][side] <= max(others) + 0.015 * length:
+        return extents[r][side]
+    return int(np.median(others))
 
 
 def _longest_run(flags: np.ndarray) -> tuple[int, int] | None:
@@ -116,8 +173,8 @@ def _longest_run(flags: np.ndarray) -> tuple[int, int] | None:
     return int(starts[k]), int(ends[k])
 
 
-def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int,
-                 x1: int) -> tuple[np.ndarray, float, np.ndarray]:
+def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int, x1: int,
+                 neighbours: tuple[float, ...] = ()) -> tuple[np.ndarray, float, np.ndarray]:
     """(trace height above the baseline (px, up positive) at each column x0..x1 of one row, continuity, peaks).
 
     Per column the ink runs inside the row's band are found; the one nearest the previous point is the
@@ -127,7 +184,12 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int,
     crossing the whole band (a printed column rule: following it leads up into the next row or the header).
     Continuity is the share of columns whose run touches the previous point (a pen line: ~1). A trace led off its
     row (half a pitch away for longer than MAX_STRAY of the row: a shadow's rim, a stamp) goes back to a run on the
-    baseline, or to the baseline itself when there is no ink to follow out there.
+    baseline, or to the baseline itself when there is no ink to follow out there; so does one that stays on a
+    neighbouring row's baseline (`neighbours`, px) for longer than a QRS tip passes it (rows closer than the band
+    reaches: a GE page's rhythm strips, whose tall R waves meet the strip above), and one that finds no ink near
+    for 60 ms (a thin pen's QRS stroke broke off) takes the run nearest the baseline. A lead label's letter is
+    followed only when no other ink is near (`_glyph_runs`): at a switch between leads the pen jumps, and the
+    letter below is often nearer than the next lead's line.
     A column's height is its run's middle, except at a peak (the run's top above both neighbours' tops) or a
     trough, where it is that end less half a pen width: a thin pen's QRS turns inside one or two columns, and
     the middle of such a run halves the spike. `peaks` flags those columns, so resampling can keep them.
@@ -144,13 +206,17 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int,
     ec, er = np.nonzero(edges == -1)
     bounds = np.searchsorted(sc, np.arange(n_cols + 1)).tolist()
     starts, ends = sr.tolist(), (er - 1).tolist()
+    glyph = _glyph_runs(on, sc, sr, pitch).tolist()
     jump = 0.25 * pitch
     max_stray = int(MAX_STRAY * (x1 - x0))  # columns a trace may stay half a pitch off its baseline (~0.3 s)
+    others = [float(y - top) for y in neighbours if abs(y - base) < 0.75 * pitch + 0.2 * pitch]
+    max_on_other = max(2, int(0.006 * (x1 - x0)))  # 60 ms of a 10-s row: an R wave's tip passes a line faster
+    on_other = 0
     last = on.shape[1] - 1
     run_s, run_e = [0.0] * n_cols, [0.0] * n_cols
     prev = zero = float(base - top)
     locked = False
-    touching = stray = 0
+    touching = stray = lost = 0
     for x in range(n_cols):
         best, best_d = -1, (jump if locked else float(on.shape[1]))
         for k in range(bounds[x], bounds[x + 1]):
@@ -158,9 +224,13 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int,
             if s == 0 and e == last:  # a line across the whole band (a column rule, a box edge): not a pen trace
                 continue
             d = s - prev if s > prev else (prev - e if e < prev else 0.0)
+            d += 0.5 * jump * glyph[k]  # a label's letter beside the trace is taken only if nothing else is near
             if d <= best_d:
                 best, best_d = k, d
         stray = stray + 1 if abs(prev - zero) > 0.5 * pitch else 0
+        on_other = on_other + 1 if any(abs(prev - y) < 0.2 * pitch for y in others) else 0
+        if on_other > max_on_other:  # following the next row's line: as led off the row
+            stray, on_other = max_stray + 1, 0
         if stray > max_stray:  # led off the row (a shadow's edge, a stamp): back to a run on the baseline
             for k in range(bounds[x], bounds[x + 1]):
                 s, e = starts[k], ends[k]
@@ -168,6 +238,13 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int,
                 if d <= jump and not (s == 0 and e == last):
                     best, best_d, stray = k, abs(prev - zero), 0  # a jump back: not a touching run
                     break
+        lost = 0 if best >= 0 else lost + 1
+        if lost > max_on_other:  # no ink near for 60 ms (the pen's line broke at a QRS): the run nearest the
+            near_zero = [(abs(0.5 * (starts[k] + ends[k]) - zero), k) for k in range(bounds[x], bounds[x + 1])
+                         if not glyph[k] and not (starts[k] == 0 and ends[k] == last)]  # baseline, if one is near
+            d0, k0 = min(near_zero, default=(pitch, -1))
+            if d0 <= 0.5 * pitch:
+                best, best_d, lost = k0, jump, 0
         if best >= 0:
             touching += best_d <= 1.0
             locked = True
@@ -184,6 +261,21 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int,
     top_y, bot_y = np.asarray(run_s, np.float32), np.asarray(run_e, np.float32)
     y, peaks = _column_heights(top_y, bot_y)
     return (base - top) - y, touching / max(1, n_cols), peaks  # up is positive, as on paper
+
+
+def _glyph_runs(on: np.ndarray, sc: np.ndarray, sr: np.ndarray, pitch: float) -> np.ndarray:
+    """Per ink run (column sc, first row sr of the (columns, rows) band `on`), whether it belongs to a blob the size of
+    a printed letter (0.5-3 % of the row long, under a quarter pitch high, about as high as long): a lead's label;
+    not a trace, which runs on for seconds, nor a piece of a faint trace (long and flat) or of a QRS stroke (narrower
+    or taller)."""
+    if not len(sc):
+        return np.zeros(0, bool)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(on.astype(np.uint8), connectivity=8)
+    # the band is (columns, rows): a blob's extent along the paper is its "height" here, and the other way round
+    long, tall = stats[:, cv2.CC_STAT_HEIGHT], stats[:, cv2.CC_STAT_WIDTH]
+    small = (long >= 0.005 * on.shape[0]) & (long < 0.03 * on.shape[0]) & (tall < 0.25 * pitch) & (tall >= 0.6 * long)
+    small[0] = False
+    return small[labels[sc, sr]]
 
 
 def _column_heights(top_y: np.ndarray, bot_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
