@@ -101,7 +101,9 @@ def _t_end(med, fs, qrs_on, qrs_off, r, rr_s):
     leads = _covering(med, qrs_on - int(30 * ms), last)
     if not leads:
         return None, []
-    mag = _magnitude(med, fs, leads, qrs_on - int(25 * ms), qrs_on - int(5 * ms))
+    # the level the T returns to: 40-20 ms before the QRS, clear of the QRS's low-passed (and on a page blurred)
+    # start, which 25-5 ms took in as an offset that kept the T magnitude off zero (photo pages: QT outliers)
+    mag = _magnitude(med, fs, leads, qrs_on - int(40 * ms), qrs_on - int(20 * ms))
     start = qrs_off + int(T_SEARCH_S[0] * 1000 * ms)
     if last - start < int(60 * ms):
         return None, leads
