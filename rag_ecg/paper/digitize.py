@@ -33,7 +33,7 @@ import numpy as np
 from rag_ecg.data.records import STANDARD_LEADS
 from rag_ecg.errors import InputError
 from rag_ecg.paper.ink import deskew_angle, ink_map, remove_grid_lines, rotate
-from rag_ecg.paper.orientation import lines_across, row_skew
+from rag_ecg.paper.orientation import looks_sideways, row_skew
 from rag_ecg.paper.perspective import Rectification, estimate, rectify
 from rag_ecg.paper.row_read import read_layout
 from rag_ecg.paper.rows import DigitizeError, row_sets
@@ -125,7 +125,7 @@ class Digitized:
 def digitize(page: np.ndarray, rhythm_lead: str = "II", method: str = "auto", flatten: bool = True) -> Digitized:
     """(H, W, 3) uint8 RGB page -> Digitized. Raises DigitizeError if no trace rows are found.
 
-    Which way round (`orientation`): a page whose ink runs in columns rather than rows (`lines_across` < 0) lies
+    Which way round (`orientation`): a page whose ink runs in columns rather than rows (`looks_sideways`) lies
     on its side and is read both quarter turns first; so is a page refused as given. Of the quarter-turn reads,
     the one whose calibration pulses stand up at the rows' starts wins, then the one whose traces skew upward.
     A page whose rows end in pulses hanging down lies upside down (`rows.pulse_sides`): read again turned 180°.
@@ -137,7 +137,7 @@ def digitize(page: np.ndarray, rhythm_lead: str = "II", method: str = "auto", fl
     if page.ndim != 3 or page.shape[2] != 3 or page.dtype != np.uint8:
         raise InputError(f"digitize expects an (H, W, 3) uint8 RGB page, got {page.dtype} {page.shape}")
     work, work_scale = _resize(page)
-    sideways_first = lines_across(ink_map(work)) < 0
+    sideways_first = looks_sideways(ink_map(work))
     if sideways_first and (read := _on_its_side(page, rhythm_lead, method, flatten)) is not None:
         return read
     try:

@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rag_ecg.paper.digitize import canonicalize, digitize
+from rag_ecg.data.records import ptbxl_record, read_ptbxl_index
+from rag_ecg.paper.digitize import _resize, canonicalize, digitize
+from rag_ecg.paper.ink import ink_map
+from rag_ecg.paper.orientation import lines_across, looks_sideways
 from rag_ecg.paper.read_quality import agreement as _agree
 from rag_ecg.paper.layout import RenderConfig
 from rag_ecg.paper.render import render_page_and_layout
@@ -64,3 +67,16 @@ def test_real_and_foreign_pages_upside_down(shared_data, name):
     image = Image.open(path).convert("RGB")
     assert digitize(np.asarray(image)).turns == 0
     assert digitize(np.asarray(image.rotate(180))).turns == 2
+
+
+def test_an_upright_photo_beside_a_dark_table_is_not_taken_for_sideways(ptbxl_dir):
+    """A phone photo whose dark table border inks columns down the picture: the whole picture's ink then runs in
+    columns (`lines_across` < 0), the page's middle in rows; it is read upright first (it was read four times)."""
+    rows, _ = read_ptbxl_index(ptbxl_dir)
+    record = ptbxl_record([r for r in rows if r.fold == 9][16])
+    image, result = render_page_and_layout(record, preset="photo", seed=7016, dpi=100)
+    ink = ink_map(_resize(np.asarray(image))[0])
+    assert lines_across(ink) < 0 and not looks_sideways(ink)
+    turned = ink_map(_resize(np.asarray(image.rotate(90, expand=True)))[0])
+    assert looks_sideways(turned)
+    assert digitize(np.asarray(image)).turns == 0
