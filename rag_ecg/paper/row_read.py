@@ -15,6 +15,7 @@ from rag_ecg.paper.rows import (
     DigitizeError,
     check_line_drawing,
     follow_trace,
+    glyph_map,
     pulse_columns,
     pulse_sides,
     separator_columns,
@@ -91,7 +92,8 @@ def read_rows(ink: np.ndarray, rows: list[float], pitch: float, n_cols: list[int
     extents = trace_extent(ink, rows, pitch)
     check_line_drawing(ink, rows, pitch, *(int(np.median([e[i] for e in extents])) for i in (0, 1)))
     near = [tuple(rows[i] for i in (r - 1, r + 1) if 0 <= i < len(rows)) for r in range(len(rows))]
-    followed = [follow_trace(ink, y, pitch, a, b, nb) for y, (a, b), nb in zip(rows, extents, near)]
+    glyphs = glyph_map(ink, pitch, int(np.median([b - a for a, b in extents])))
+    followed = [follow_trace(ink, y, pitch, a, b, nb, glyphs) for y, (a, b), nb in zip(rows, extents, near)]
     pulses = pulse_sides(ink, rows, pitch, extents)
     followed, extents = _trim_pulses(followed, extents, pitch)
     found = [separator_columns(ink, y, pitch, a, b, n) for y, (a, b), n in zip(rows, extents, n_cols)]
@@ -104,7 +106,8 @@ def read_rows(ink: np.ndarray, rows: list[float], pitch: float, n_cols: list[int
             for _, s, e, _ in seps:
                 band[:, max(0, s):e + 1] = 0
             shift = max(0, int(y - pitch))
-            trace, cont, peaks = follow_trace(band, y - shift, pitch, a, b, tuple(n - shift for n in near[r]))
+            trace, cont, peaks = follow_trace(band, y - shift, pitch, a, b, tuple(n - shift for n in near[r]),
+                                              glyphs[shift:shift + band.shape[0]])
             for _, s, e, _ in seps:
                 _bridge(trace, s - a, e - a)
             followed[r] = (trace, cont, peaks)

@@ -173,8 +173,8 @@ def _longest_run(flags: np.ndarray) -> tuple[int, int] | None:
     return int(starts[k]), int(ends[k])
 
 
-def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int, x1: int,
-                 neighbours: tuple[float, ...] = ()) -> tuple[np.ndarray, float, np.ndarray]:
+def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int, x1: int, neighbours: tuple[float, ...] = (),
+                 glyphs: np.ndarray | None = None) -> tuple[np.ndarray, float, np.ndarray]:
     """(trace height above the baseline (px, up positive) at each column x0..x1 of one row, continuity, peaks).
 
     Per column the ink runs inside the row's band are found; the one nearest the previous point is the
@@ -188,8 +188,8 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int, x1: int,
     neighbouring row's baseline (`neighbours`, px) for longer than a QRS tip passes it (rows closer than the band
     reaches: a GE page's rhythm strips, whose tall R waves meet the strip above), and one that finds no ink near
     for 60 ms (a thin pen's QRS stroke broke off) takes the run nearest the baseline. A lead label's letter is
-    followed only when no other ink is near (`_glyph_runs`): at a switch between leads the pen jumps, and the
-    letter below is often nearer than the next lead's line.
+    followed only when no other ink is near (`glyphs`, `glyph_map`'s page): at a switch between leads the pen jumps,
+    and the letter below is often nearer than the next lead's line.
     A column's height is its run's middle, except at a peak (the run's top above both neighbours' tops) or a
     trough, where it is that end less half a pen width: a thin pen's QRS turns inside one or two columns, and
     the middle of such a run halves the spike. `peaks` flags those columns, so resampling can keep them.
@@ -206,7 +206,7 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int, x1: int,
     ec, er = np.nonzero(edges == -1)
     bounds = np.searchsorted(sc, np.arange(n_cols + 1)).tolist()
     starts, ends = sr.tolist(), (er - 1).tolist()
-    glyph = _glyph_runs(on, sc, sr, pitch).tolist()
+    glyph = (glyphs[top + sr, x0 + sc] if glyphs is not None else np.zeros(len(sc), bool)).tolist()
     jump = 0.25 * pitch
     max_stray = int(MAX_STRAY * (x1 - x0))  # columns a trace may stay half a pitch off its baseline (~0.3 s)
     others = [float(y - top) for y in neighbours if abs(y - base) < 0.75 * pitch + 0.2 * pitch]
@@ -263,19 +263,15 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int, x1: int,
     return (base - top) - y, touching / max(1, n_cols), peaks  # up is positive, as on paper
 
 
-def _glyph_runs(on: np.ndarray, sc: np.ndarray, sr: np.ndarray, pitch: float) -> np.ndarray:
-    """Per ink run (column sc, first row sr of the (columns, rows) band `on`), whether it belongs to a blob the size of
-    a printed letter (0.5-3 % of the row long, under a quarter pitch high, about as high as long): a lead's label;
-    not a trace, which runs on for seconds, nor a piece of a faint trace (long and flat) or of a QRS stroke (narrower
-    or taller)."""
-    if not len(sc):
-        return np.zeros(0, bool)
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(on.astype(np.uint8), connectivity=8)
-    # the band is (columns, rows): a blob's extent along the paper is its "height" here, and the other way round
-    long, tall = stats[:, cv2.CC_STAT_HEIGHT], stats[:, cv2.CC_STAT_WIDTH]
-    small = (long >= 0.005 * on.shape[0]) & (long < 0.03 * on.shape[0]) & (tall < 0.25 * pitch) & (tall >= 0.6 * long)
+def glyph_map(ink: np.ndarray, pitch: float, row_length: int) -> np.ndarray:
+    """(H, W) bool: ink of blobs the size of a printed letter (0.5-3 % of a row long, under a quarter pitch high,
+    about as high as long): a lead's label; not a trace, which runs on for seconds, nor a piece of a faint trace
+    (long and flat) or of a QRS stroke (narrower or taller). One pass over the page (`follow_trace` uses it)."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats((ink > INK_ON).astype(np.uint8), connectivity=8)
+    long, tall = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
+    small = (long >= 0.005 * row_length) & (long < 0.03 * row_length) & (tall < 0.25 * pitch) & (tall >= 0.6 * long)
     small[0] = False
-    return small[labels[sc, sr]]
+    return small[labels]
 
 
 def _column_heights(top_y: np.ndarray, bot_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -104,11 +104,12 @@ def _trimmed_norm(d: np.ndarray) -> float:
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
-    """`x` less its straight-line trend (the strip and the cell may sit at different baselines)."""
-    t = np.arange(x.size, dtype=np.float64)
+    """`x` less its least-squares straight line (the strip and the cell may sit at different baselines)."""
     if x.size < 3:
         return np.zeros(x.size)
-    return x - np.polyval(np.polyfit(t, x.astype(np.float64), 1), t)
+    t = np.arange(x.size, dtype=np.float64) - 0.5 * (x.size - 1)
+    x = x.astype(np.float64)
+    return x - x.mean() - t * (float(t @ x) / float(t @ t))
 
 
 def layout_name(strips: list[str]) -> str:
