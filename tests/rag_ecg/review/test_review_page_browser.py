@@ -139,7 +139,9 @@ def test_review_with_the_page_and_import_the_verdicts(page_job, browser, tmp_pat
     end = time.monotonic() + 10
     while time.monotonic() < end and not list(downloads.glob("verdicts-*.csv")):
         time.sleep(0.1)
-    (exported,) = list(downloads.glob("verdicts-*.csv"))
+    (downloaded,) = list(downloads.glob("verdicts-*.csv"))
+    exported = tmp_path / downloaded.name  # a copy: Chromium deletes a download it has not yet marked done at quit
+    exported.write_bytes(downloaded.read_bytes())
     with open(exported, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and rows[0]["chart"] == GOOD and rows[0]["chart_id"] == good
