@@ -76,6 +76,8 @@ class Digitized:
     # picture's px -> the working page's px before the deskew rotation; None: the page was read as it lies
     resized_size: tuple[int, int] = (0, 0)  # (width, height) of the resized, turned picture (work_size if no
     # correction)
+    row_px: list[np.ndarray] = field(default_factory=list)  # per printed row, its (N,) read over 10 s (working px
+    # above its baseline): a lead printed twice (in the block and a strip) has its own read in each place
     time_axis: str = "extent"  # what placed the samples on the rows (`time_axis.row_axes`): "ticks" (the ticks
     # between leads, at k T / n of each row) or "extent" (a row's first and last inked columns span 10 s)
 
@@ -268,7 +270,7 @@ def _read(work: np.ndarray, work_scale: float, rhythm_lead: str, turns: int, met
                                  rows[row] + 0.5 * pitch), T_SECONDS * c / n, T_SECONDS * (c + 1) / n))
     return Digitized(signal, mask, layout, float(angle), [float(y) for y in rows], (int(x0), int(x1)),
                      turns % 4, skew, scale, work_scale, (work.shape[1], work.shape[0]), boxes, raw, (up, down), method,
-                     time_axis="ticks" if ticked else "extent")
+                     row_px=[np.asarray(t, np.float32) for t in rows_10s], time_axis="ticks" if ticked else "extent")
 
 
 def canonicalize(signal_mv: np.ndarray, fs: float, layout: str = "12x1", rhythm_lead: str = "II",

@@ -55,7 +55,8 @@ def trace_points(read: Digitized) -> list[tuple[str, tuple[float, float, float, 
 
     The read's sample at time t of a box [t0, t1) sits at x = x0 + (t - t0) / (t1 - t0) * (x1 - x0), y = the
     row's baseline (the box's middle) minus the trace height; a lead printed twice (lead II in a 3x4 block and
-    its rhythm strip) is drawn from its one signal in both places."""
+    its rhythm strip) is drawn in each place from that row's own read (`Digitized.row_px`), so the overlay lies on
+    the ink even where the two rows' baselines wander apart."""
     heights = _heights(read)
     out = []
     for lead, box, t0, t1 in read.boxes:
@@ -65,7 +66,12 @@ def trace_points(read: Digitized) -> list[tuple[str, tuple[float, float, float, 
             continue
         t = np.arange(a, b) / FS
         x = x0 + (t - t0) / max(t1 - t0, 1e-9) * (x1 - x0)
-        y = 0.5 * (y0 + y1) - heights[_LEAD_INDEX[lead], a:b]
+        base = 0.5 * (y0 + y1)
+        if len(read.row_px) == len(read.rows) and read.rows:
+            row = int(np.argmin([abs(base - r) for r in read.rows]))
+            y = base - np.asarray(read.row_px[row][a:b], np.float64)
+        else:
+            y = base - heights[_LEAD_INDEX[lead], a:b]
         out.append((lead, box, np.stack([x, y], axis=1)))
     return out
 
