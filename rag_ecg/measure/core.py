@@ -91,7 +91,8 @@ def _interval(name: str, a: int | None, b: int | None, leads: list[int], conf: f
 
 def _intervals(out: Measurements, fid: Fiducials, beats: Beats, irregular: bool | None) -> None:
     base = _share(len(beats.peaks), 4) * _share(len(fid.leads), 6)
-    out.qrs_ms = _interval("qrs_ms", fid.qrs_on, fid.qrs_off, fid.leads, base * _share(fid.qrs_sharpness, 20),
+    dur_on, dur_off = fid.duration if fid.duration else (None, None)  # not the J point's bounds: duration_bounds
+    out.qrs_ms = _interval("qrs_ms", dur_on, dur_off, fid.leads, base * _share(fid.qrs_sharpness, 20),
                            "QRS boundaries not found")
     out.qt_ms = _interval("qt_ms", fid.qrs_on, fid.t_end, fid.t_leads, base, "T-wave end not found")
     if irregular:

@@ -26,11 +26,12 @@ RHYTHM_LEADS = ("II", "III", "V1", "V5")  # leads printers put in rhythm strips;
 # (aVF beside II: alike whenever III is like II) is not named after it: a misnamed II strip costs lead II its 10 s
 
 
-def strip_names(block: list[np.ndarray], strips: list[np.ndarray], fallback: str | None = None) -> list[str | None] | None:
+def strip_names(block: list[np.ndarray], strips: list[np.ndarray],
+                fallback: str | None = None) -> list[str | None] | None:
     """The lead of each strip under a 3x4 block (None: not named), or None when the rows are not a block and strips.
 
-    One strip: named from the traces (one of RHYTHM_LEADS), else `fallback`. Several: the rows are a block and strips when two or more are
-    named or the limb leads say so (`says_3x4`). Three strips take GE's V1/II/V5 when two of those leads are among
+    One strip: named from the traces (one of RHYTHM_LEADS), else `fallback`. Several: the rows are a block and strips
+    when two or more are named or the limb leads say so (`says_3x4`). Three strips take GE's V1/II/V5 when two of those leads are among
     their strips' best matches and no strip names another lead (a paced rhythm, or V1 beside V2, draws leads so
     alike that no single cell stands out; a strip's tall R waves meeting the strip above spoil its read)."""
     diffs = [cell_differences(block, s) for s in strips]

@@ -50,3 +50,13 @@ def test_every_ptbxl_record_of_the_first_fold_pages_measures_without_error(ptbxl
         m = measure_signal(_photo(rec, 1), PAGE_FS, None, None)
         assert m.heart_rate_bpm.value is None or 20 < m.heart_rate_bpm.value < 250
         assert measure_signal(rec.signal_mv(), rec.fs, None, None) is not None
+
+
+@pytest.mark.parametrize("record", [8, 12, 35])
+def test_photo_page_qrs_duration_is_not_widened_by_the_blurred_read(ludb_dir, record):
+    """The reported QRS duration comes from a 20-Hz spatial velocity (`delineate.duration_bounds`): the 40-Hz one
+    that places the J point read these photo pages 28-42 ms wider than their signals."""
+    rec = read_ludb(ludb_dir / "data" / str(record))
+    sig = measure_signal(rec.signal_mv(), rec.fs, rec.sex, rec.age)
+    page = measure_signal(_photo(rec, record), PAGE_FS, rec.sex, rec.age)
+    assert abs(page.qrs_ms.value - sig.qrs_ms.value) <= 12
