@@ -186,8 +186,7 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int, x1: int, n
     row (half a pitch away for longer than MAX_STRAY of the row: a shadow's rim, a stamp) goes back to a run on the
     baseline, or to the baseline itself when there is no ink to follow out there; so does one that stays on a
     neighbouring row's baseline (`neighbours`, px) for longer than a QRS tip passes it (rows closer than the band
-    reaches: a GE page's rhythm strips, whose tall R waves meet the strip above), and one that finds no ink near
-    for 60 ms (a thin pen's QRS stroke broke off) takes the run nearest the baseline. A lead label's letter is
+    reaches: a GE page's rhythm strips, whose tall R waves meet the strip above). A lead label's letter is
     followed only when no other ink is near (`glyphs`, `glyph_map`'s page): at a switch between leads the pen jumps,
     and the letter below is often nearer than the next lead's line.
     A column's height is its run's middle, except at a peak (the run's top above both neighbours' tops) or a
@@ -216,7 +215,7 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int, x1: int, n
     run_s, run_e = [0.0] * n_cols, [0.0] * n_cols
     prev = zero = float(base - top)
     locked = False
-    touching = stray = lost = 0
+    touching = stray = 0
     for x in range(n_cols):
         best, best_d = -1, (jump if locked else float(on.shape[1]))
         for k in range(bounds[x], bounds[x + 1]):
@@ -238,13 +237,6 @@ def follow_trace(ink: np.ndarray, base: float, pitch: float, x0: int, x1: int, n
                 if d <= jump and not (s == 0 and e == last):
                     best, best_d, stray = k, abs(prev - zero), 0  # a jump back: not a touching run
                     break
-        lost = 0 if best >= 0 else lost + 1
-        if lost > max_on_other:  # no ink near for 60 ms (the pen's line broke at a QRS): the run nearest the
-            near_zero = [(abs(0.5 * (starts[k] + ends[k]) - zero), k) for k in range(bounds[x], bounds[x + 1])
-                         if not glyph[k] and not (starts[k] == 0 and ends[k] == last)]  # baseline, if one is near
-            d0, k0 = min(near_zero, default=(pitch, -1))
-            if d0 <= 0.5 * pitch:
-                best, best_d, lost = k0, jump, 0
         if best >= 0:
             touching += best_d <= 1.0
             locked = True
