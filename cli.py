@@ -159,7 +159,7 @@ def _index_dir(index: str) -> Path:
 @app.command()
 def render(inputs: list[Path] = typer.Argument(..., help="WFDB records (.hea) or folders of them"),
            out: Path = typer.Option(..., "--out", help="output folder"),
-           layout: str = typer.Option("3x4+II", help="3x4 | 3x4+II | 6x2 | 12x1 | random"),
+           layout: str = typer.Option("3x4+II", help="3x4 | 3x4+II | 6x2 | 6x2+II | 12x1 | random"),
            preset: str = typer.Option("clean", help="clean | print | scan | photo | random"),
            seed: int = 0, workers: int = typer.Option(0, help="processes (0: all cores)"),
            dpi: int = 200, image_format: str = typer.Option("png", help="png | jpg")) -> None:

@@ -19,7 +19,7 @@ from rag_ecg.data.images import save_image
 from rag_ecg.errors import ConfigError
 from rag_ecg.io import atomic_write
 
-LAYOUTS = ("3x4", "3x4+II", "6x2", "12x1")
+LAYOUTS = ("3x4", "3x4+II", "6x2", "6x2+II", "12x1")
 GRID_COLORS = ("red", "pink", "green", "blue", "black", "none")
 PAPERS: dict[str, tuple[float, float]] = {"a4": (297.0, 210.0), "letter": (279.4, 215.9)}  # landscape, mm
 
@@ -30,6 +30,7 @@ LEAD_ROWS: dict[str, list[list[str]]] = {
     "12x1": [[ld] for ld in STANDARD_LEADS],
 }
 LEAD_ROWS["3x4+II"] = LEAD_ROWS["3x4"]
+LEAD_ROWS["6x2+II"] = LEAD_ROWS["6x2"]
 
 
 @dataclass
@@ -48,7 +49,7 @@ class RenderConfig:
     trace_mm: float = 250.0  # length of a full row of trace, mm (250 = 10 s at 25 mm/s; capped by the paper)
     minor_line_mm: float = 0.08  # width of the 1 mm grid lines, mm
     major_line_mm: float = 0.2  # width of the 5 mm grid lines, mm
-    rhythm_lead: str = "II"  # lead of the bottom rhythm strip in "3x4+II"
+    rhythm_lead: str = "II"  # lead of the bottom rhythm strip in "3x4+II" and "6x2+II"
     calibration: bool = True  # draw the 1 mV / 200 ms calibration pulse at the start of each row
     labels: bool = True  # print lead names
     separators: bool = True  # short vertical ticks where a row switches to the next column's lead
@@ -194,11 +195,12 @@ def page_geometry(cfg: RenderConfig, duration_s: float) -> Geometry:
     trace_x0 = gx0 + cal_mm
     page_s = min(duration_s, min(cfg.trace_mm, gx0 + gw - trace_x0) / cfg.speed_mm_s)
     leads_rows = [list(r) for r in LEAD_ROWS[cfg.layout]]
-    n = len(leads_rows) + (1 if cfg.layout == "3x4+II" else 0)
+    strip = cfg.layout.endswith("+II")  # a full-length rhythm strip (of cfg.rhythm_lead) under the leads
+    n = len(leads_rows) + (1 if strip else 0)
     pitch = gh / n
     rows = [Row(gy0 + pitch * (i + 0.55), gy0 + pitch * i, gy0 + pitch * (i + 1), leads)
             for i, leads in enumerate(leads_rows)]
-    if cfg.layout == "3x4+II":
+    if strip:
         i = n - 1
         rows.append(Row(gy0 + pitch * (i + 0.55), gy0 + pitch * i, gy0 + pitch * (i + 1),
                         [cfg.rhythm_lead], rhythm=True))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rag_ecg.paper.ink import INK_ON
 from rag_ecg.paper.layout import LEAD_ROWS
 from rag_ecg.paper.rows import (
     DigitizeError,
@@ -51,11 +52,23 @@ class RowsRead:
 def read_layout(ink: np.ndarray, candidates: list[tuple[list[float], float]], rhythm_lead: str,
                 n_samples: int) -> RowsRead:
     """The rows of the page read in the layout they show. `candidates` (`rows.row_sets`): the chain of rows, then
-    maybe more rows near an even line, taken when some lie between the chain's rows (a GE page's wandering rows, of
-    which the chain found every other one; rows found only above or below it are a header or a footer) and they
-    read as a block and strips. Four rows: a 3x4 block and a strip, named from the traces (else `rhythm_lead`);
-    six: a block and three strips or a 6x2 page (`strips.strip_names`); three and twelve: 3x4 and 12x1."""
+    maybe another chain (when the first has seven rows) and more rows near an even line, taken when some lie between
+    the chain's rows (a GE page's wandering rows, of which the chain found every other one; rows found only above or
+    below it are a header or a footer) and they read as a block and strips. Four rows: a 3x4 block and a strip,
+    named from the traces (else `rhythm_lead`); six: a block and three strips or a 6x2 page (`strips.strip_names`);
+    seven: 6x2 and a strip named from the traces, else the other chain (a header line taken for a row); three and
+    twelve: 3x4 and 12x1."""
     (rows, pitch), *more = candidates
+    if len(rows) == 7:
+        try:  # the strip named from the traces, or, when its top row is a trace (not a header line), assumed
+            read = (_block_and_strips(ink, rows, pitch, n_samples, block="6x2")
+                    or (None if _text_line(ink, rows[0], pitch) else
+                        _block_and_strips(ink, rows, pitch, n_samples, rhythm_lead, block="6x2")))
+        except DigitizeError:
+            read = None
+        if read is not None or not more:
+            return read or _plain(ink, rows[1:], pitch, n_samples)
+        (rows, pitch), *more = more
     for more_rows, more_pitch in more:
         if not any(rows[0] < y < rows[-1] and min(abs(y - r) for r in rows) > 0.3 * more_pitch for y in more_rows):
             continue
@@ -67,23 +80,38 @@ def read_layout(ink: np.ndarray, candidates: list[tuple[list[float], float]], rh
             return read
     n = len(rows)
     read = _block_and_strips(ink, rows, pitch, n_samples, fallback=rhythm_lead) if n in (4, 6) else None
-    if read is None:
-        layout = {3: "3x4", 6: "6x2"}.get(n, "12x1")
-        read = read_rows(ink, rows, pitch, [len(leads) for leads in LEAD_ROWS[layout]], n_samples)
-        read.layout = layout
+    return read or _plain(ink, rows, pitch, n_samples)
+
+
+def _text_line(ink: np.ndarray, y: float, pitch: float) -> bool:
+    """Whether most ink near height `y` is in letter-sized blobs (`rows.glyph_map`): a header's line of text, not a
+    trace (a trace's ink is one long stroke with its QRS complexes)."""
+    band = ink[max(0, int(y - 0.3 * pitch)):int(y + 0.3 * pitch) + 1]
+    on = band > INK_ON
+    if not on.any():
+        return True
+    return bool(glyph_map(band, pitch, band.shape[1])[on].mean() > 0.5)
+
+
+def _plain(ink: np.ndarray, rows: list[float], pitch: float, n_samples: int) -> RowsRead:
+    """The rows read as the strip-less layout of their count: 3x4, 6x2 or 12x1."""
+    layout = {3: "3x4", 6: "6x2"}.get(len(rows), "12x1")
+    read = read_rows(ink, rows, pitch, [len(leads) for leads in LEAD_ROWS[layout]], n_samples)
+    read.layout = layout
     return read
 
 
 def _block_and_strips(ink: np.ndarray, rows: list[float], pitch: float, n_samples: int,
-                      fallback: str | None = None) -> RowsRead | None:
-    """The rows read as a 3x4 block and rhythm strips (strips not named left out), or None when they are not that
-    (`strips.strip_names`) or no strip is named."""
-    read = read_rows(ink, rows, pitch, [4, 4, 4] + [1] * (len(rows) - 3), n_samples)
-    names = strip_names(read.traces[:3], read.traces[3:], fallback)
+                      fallback: str | None = None, block: str = "3x4") -> RowsRead | None:
+    """The rows read as a block (3x4: three rows; 6x2: six) and rhythm strips (strips not named left out), or None
+    when they are not that (`strips.strip_names`) or no strip is named."""
+    k = len(LEAD_ROWS[block])
+    read = read_rows(ink, rows, pitch, [len(LEAD_ROWS[block][0])] * k + [1] * (len(rows) - k), n_samples)
+    names = strip_names(read.traces[:k], read.traces[k:], fallback)
     if not names or not any(names):
         return None
-    read = read.keep([0, 1, 2] + [3 + i for i, name in enumerate(names) if name is not None])
-    read.layout = layout_name([name for name in names if name is not None])
+    read = read.keep(list(range(k)) + [k + i for i, name in enumerate(names) if name is not None])
+    read.layout = layout_name([name for name in names if name is not None], block)
     return read
 
 

@@ -14,7 +14,7 @@ from rag_ecg.paper.ink import INK_ON
 from rag_ecg.paper.time_axis import tick_centre
 
 MAX_INK_DENSITY = 0.15  # share of a page's trace area that may be ink (pen lines: ~2-6 %)
-ROW_COUNTS = (3, 4, 6, 12)  # trace rows of the layouts clinics print
+ROW_COUNTS = (3, 4, 6, 7, 12)  # trace rows of the layouts clinics print (7: 6x2 and a rhythm strip)
 MAX_STRAY = 0.03  # share of a row (10 s) a trace may stay half a pitch off its baseline: 0.3 s (a QRS: 0.1 s)
 
 
@@ -28,13 +28,16 @@ def find_rows(ink: np.ndarray) -> tuple[list[float], float]:
 
 
 def row_sets(ink: np.ndarray) -> list[tuple[list[float], float]]:
-    """Candidate trace rows, best first: the largest evenly spaced chain of across-page rows (`find_rows`), then,
-    when more rows lie near an evenly spaced line, those (see `_even_rows`; the caller must confirm them)."""
+    """Candidate trace rows, best first: the largest evenly spaced chain of across-page rows (`find_rows`); when
+    that is seven rows (6x2 and a strip, or a 6x2 page under a header line), the best chain of another count; then,
+    when more rows lie near an evenly spaced line, those (see `_even_rows`). The caller confirms all but the first."""
     peaks, cover, min_gap = _row_peaks(ink)
     best = _chain(peaks, cover, min_gap)
     if best is None:
-        raise DigitizeError("no readable ECG traces: no evenly spaced set of 3, 4, 6 or 12 trace rows on the page")
+        raise DigitizeError("no readable ECG traces: no evenly spaced set of 3, 4, 6, 7 or 12 trace rows on the page")
     out = [(best, float(np.median(np.diff(best))))]
+    if len(best) == 7 and (other := _chain(peaks, cover, min_gap, tuple(n for n in ROW_COUNTS if n != 7))):
+        out.append((other, float(np.median(np.diff(other)))))
     even = _even_rows(peaks, cover, min_gap, len(best))
     return out + ([even] if even else [])
 
@@ -53,11 +56,12 @@ def _row_peaks(ink: np.ndarray) -> tuple[list[int], np.ndarray, int]:
              if cover[y] >= 0.3 and cover[y] == cover[max(0, y - min_gap):y + min_gap + 1].max()]
     if len(peaks) < 3:
         raise DigitizeError(f"no readable ECG traces: found {len(peaks)} trace row(s) across the page "
-                            "(an ECG page has 3, 4, 6 or 12)")
+                            "(an ECG page has 3, 4, 6, 7 or 12)")
     return peaks, cover, min_gap
 
 
-def _chain(peaks: list[int], cover: np.ndarray, min_gap: int) -> list[float] | None:
+def _chain(peaks: list[int], cover: np.ndarray, min_gap: int,
+           counts: tuple[int, ...] = ROW_COUNTS) -> list[float] | None:
     """The largest evenly spaced set of `peaks` (most ink on a tie), following a pitch that changes steadily."""
     best, best_key = None, None
     ys = np.asarray(peaks, np.float64)
@@ -78,7 +82,7 @@ def _chain(peaks: list[int], cover: np.ndarray, min_gap: int) -> list[float] | N
                 ratio = float(np.clip(new_step / step, 0.75, 1.33)) if len(chain) > 1 else 1.0
                 step = new_step
                 chain.append(ys[k])
-            for n in sorted(ROW_COUNTS, reverse=True):
+            for n in sorted(counts, reverse=True):
                 if len(chain) >= n:
                     rows = chain[:n]
                     key = (n, float(sum(cover[int(y)] for y in rows)))

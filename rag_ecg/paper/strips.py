@@ -58,7 +58,12 @@ def _named(diffs: np.ndarray) -> str | None:
     r, c = np.unravel_index(int(np.argmin(diffs)), diffs.shape)
     best = float(diffs[r, c])
     others = np.delete(diffs.ravel(), r * diffs.shape[1] + c)
-    return BLOCK[r][c] if best <= MATCH and best <= UNIQUE * float(others.min()) else None
+    return _cells(diffs)[r][c] if best <= MATCH and best <= UNIQUE * float(others.min()) else None
+
+
+def _cells(diffs: np.ndarray) -> list[list[str]]:
+    """The leads of a block's cells by the shape of its differences: 3 x 4 (3x4) or 6 x 2 (6x2)."""
+    return BLOCK if diffs.shape == (3, 4) else LEAD_ROWS["6x2"]
 
 
 def _among_best(diffs: np.ndarray, lead: str) -> bool:
@@ -78,13 +83,15 @@ def says_3x4(block: list[np.ndarray]) -> bool:
 
 
 def cell_differences(block: list[np.ndarray], strip: np.ndarray) -> np.ndarray:
-    """(3, 4) relative difference between the strip and each block cell over the cell's window: the norm of their
-    difference (`_trimmed_norm`) over the geometric mean of their norms (baselines removed; 0 = the same trace;
-    amplitude counts), at the best lag within MAX_LAG."""
+    """(rows, windows) relative difference between the strip and each block cell over the cell's window (a 3x4
+    block: 3 x 4 windows of 2.5 s; a 6x2 block: 6 x 2 of 5 s): the norm of their difference (`_trimmed_norm`) over
+    the geometric mean of their norms (baselines removed; 0 = the same trace; amplitude counts), at the best lag
+    within MAX_LAG."""
     n = strip.size
-    out = np.full((len(block), 4), np.inf)
-    for c in range(4):
-        a, b = c * n // 4, (c + 1) * n // 4
+    k = 4 if len(block) == 3 else 2
+    out = np.full((len(block), k), np.inf)
+    for c in range(k):
+        a, b = c * n // k, (c + 1) * n // k
         for r, row in enumerate(block):
             for lag in range(-MAX_LAG, MAX_LAG + 1):
                 lo, hi = max(a, a + lag), min(b, b + lag)  # strip samples lo..hi against row samples lo-lag..hi-lag
@@ -113,17 +120,19 @@ def _flat(x: np.ndarray) -> np.ndarray:
     return x - x.mean() - t * (float(t @ x) / float(t @ t))
 
 
-def layout_name(strips: list[str]) -> str:
-    """The layout of a 3x4 block with rhythm strips of these leads, top to bottom: "3x4+II", "3x4+V1/II/V5"."""
-    return "3x4+" + "/".join(strips) if strips else "3x4"
+def layout_name(strips: list[str], block: str = "3x4") -> str:
+    """The layout of a block ("3x4", "6x2") with rhythm strips of these leads, top to bottom: "3x4+II",
+    "3x4+V1/II/V5", "6x2+V1"."""
+    return f"{block}+" + "/".join(strips) if strips else block
 
 
 def layout_rows(layout: str, rhythm_lead: str = "II") -> list[list[str]]:
-    """Leads of each printed row of `layout` ("3x4", "6x2", "12x1", "3x4+II", "3x4+V1/II/V5"); "3x4+II" stands for
-    a 3x4 block with one strip of `rhythm_lead` (as the renderer names every one-strip page)."""
-    if layout in LEAD_ROWS and layout != "3x4+II":
-        return LEAD_ROWS[layout]
-    if not layout.startswith("3x4+"):
+    """Leads of each printed row of `layout` ("3x4", "6x2", "12x1", "3x4+II", "3x4+V1/II/V5", "6x2+V1"); "3x4+II" and
+    "6x2+II" stand for a block with one strip of `rhythm_lead` (as the renderer names every one-strip page)."""
+    block, _, strips = layout.partition("+")
+    if block not in ("3x4", "6x2", "12x1") or (strips and block == "12x1"):
         raise ValueError(f"unknown layout {layout!r}")
-    strips = [rhythm_lead] if layout == "3x4+II" else layout[4:].split("/")
-    return LEAD_ROWS["3x4"] + [[lead] for lead in strips]
+    if not strips:
+        return LEAD_ROWS[block]
+    leads = [rhythm_lead] if strips == "II" else strips.split("/")
+    return LEAD_ROWS[block] + [[lead] for lead in leads]

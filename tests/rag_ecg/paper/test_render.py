@@ -150,7 +150,9 @@ def test_same_seed_same_bytes_and_seed_matters(ptb):
 def test_random_configs_are_valid_and_varied():
     rng = np.random.default_rng(0)
     cfgs = [random_config(rng, dpi=100).validate() for _ in range(60)]
-    assert {c.layout for c in cfgs} == set(LAYOUTS)
+    # 6x2 + a rhythm strip is drawn on request only: random pages (the fitted probabilities' and benchmarks' pages)
+    # keep the layouts they were made with
+    assert {c.layout for c in cfgs} == set(LAYOUTS) - {"6x2+II"}
     assert len({c.grid_color for c in cfgs}) >= 4
     assert all(c.dpi == 100 for c in cfgs)
 

@@ -94,3 +94,11 @@ def test_layout_rows():
     assert layout_rows("6x2")[0] == ["I", "V1"] and len(layout_rows("12x1")) == 12
     with pytest.raises(ValueError):
         layout_rows("4x3")
+
+
+@pytest.mark.parametrize("strip", ["II", "V1"])
+def test_a_6x2_page_with_a_rhythm_strip(ludb, strip):
+    """Seven rows: a 6x2 page and its strip (once read as six rows, every lead a row off), the strip named."""
+    cfg = RenderConfig(layout="6x2+II", rhythm_lead=strip, dpi=100)
+    read = digitize(np.asarray(render_page_and_layout(ludb, config=cfg, seed=6)[0]))
+    assert read.layout == f"6x2+{strip}" and len(read.rows) == 7 and _full_leads(read) == {strip}
