@@ -12,8 +12,8 @@ the encoder reads those. Every step uses what all printed ECGs share, never the 
 3. grey grid lines (black grid, photocopies) removed as long straight horizontal/vertical strokes;
 4. rows: heights where ink runs across most of the page; the largest evenly spaced set is the trace
    rows (header text, stamps and labels are not evenly spaced and do not run across the page); 3 rows
-   -> 3x4, 4 -> 3x4 + a rhythm strip, 6 -> 6x2 or 3x4 + three strips, 12 -> 12x1; each strip is named by
-   the block's cell it repeats (`strips`), not by the row count or its printed label;
+   -> 3x4, 4 -> 3x4 + a rhythm strip, 6 -> 6x2 or 3x4 + three strips, 7 -> 6x2 + a strip, 12 -> 12x1; each
+   strip is named by the block's cell it repeats (`strips`), not by the row count or its printed label;
 5. per row, the trace is followed column by column (the ink run nearest to where it was; a column's height
    is recovered from its ink run with the pen's width taken out, `rows`), the calibration pulse is skipped,
    and each column's time window is placed on the 10-second axis, to a fraction of a pixel by the ticks
@@ -57,7 +57,8 @@ class Digitized:
 
     signal: np.ndarray  # (12, N) float32, page-normalised amplitude, 0 where the lead was not printed
     mask: np.ndarray  # (12, N) bool, True where the lead was printed
-    layout: str  # the layout read: "3x4", "6x2", "12x1", "3x4+II" (a 3x4 block and a lead II strip), "3x4+V1/II/V5"
+    layout: str  # the layout read: "3x4", "6x2", "12x1", "3x4+II" (a 3x4 block and a lead II strip), "3x4+V1/II/V5",
+    # "6x2+V1"
     angle: float  # deskew rotation applied, degrees
     rows: list[float] = field(default_factory=list)  # trace row baselines, working-resolution pixels
     x_range: tuple[int, int] = (0, 0)  # median trace start and end column, working-resolution pixels
