@@ -56,8 +56,8 @@ def read_layout(ink: np.ndarray, candidates: list[tuple[list[float], float]], rh
     the chain's rows (a GE page's wandering rows, of which the chain found every other one; rows found only above or
     below it are a header or a footer) and they read as a block and strips. Four rows: a 3x4 block and a strip,
     named from the traces (else `rhythm_lead`); six: a block and three strips or a 6x2 page (`strips.strip_names`);
-    seven: 6x2 and a strip named from the traces, else the other chain (a header line taken for a row); three and
-    twelve: 3x4 and 12x1."""
+    seven: 6x2 and a strip, named from the traces, else `rhythm_lead` unless the top row is a line of text (a header
+    taken for a row: then the other chain); three and twelve: 3x4 and 12x1."""
     (rows, pitch), *more = candidates
     if len(rows) == 7:
         try:  # the strip named from the traces, or, when its top row is a trace (not a header line), assumed

@@ -1,4 +1,4 @@
-"""Rhythm strips: which lead a full-length strip under a 3x4 block shows, read from the traces themselves.
+"""Rhythm strips: which lead a full-length strip under a 3x4 (or 6x2) block shows, read from the traces themselves.
 
 Why: printers put one to three rhythm strips under the 3x4 block (lead II alone; V1, II and V5 on GE pages), and a
 six-row page is either that or a 6x2 page. A strip records the same 10 s as the block, so over one of the block's
@@ -28,12 +28,14 @@ RHYTHM_LEADS = ("II", "III", "V1", "V5")  # leads printers put in rhythm strips;
 
 def strip_names(block: list[np.ndarray], strips: list[np.ndarray],
                 fallback: str | None = None) -> list[str | None] | None:
-    """The lead of each strip under a 3x4 block (None: not named), or None when the rows are not a block and strips.
+    """The lead of each strip under a block (3x4: three rows; 6x2: six) (None: not named), or None when the rows are
+    not a 3x4 block and strips.
 
-    One strip: named from the traces (one of RHYTHM_LEADS), else `fallback`. Several: the rows are a block and strips
-    when two or more are named or the limb leads say so (`says_3x4`). Three strips take GE's V1/II/V5 when two of those leads are among
-    their strips' best matches and no strip names another lead (a paced rhythm, or V1 beside V2, draws leads so
-    alike that no single cell stands out; a strip's tall R waves meeting the strip above spoil its read)."""
+    One strip: named from the traces (one of RHYTHM_LEADS), else `fallback`. Several (under a 3x4 block): the rows are
+    a block and strips when two or more are named or the limb leads say so (`says_3x4`). Three strips take GE's
+    V1/II/V5 when two of those leads are among their strips' best matches and no strip names another lead (a paced
+    rhythm, or V1 beside V2, draws leads so alike that no single cell stands out; a strip's tall R waves meeting the
+    strip above spoil its read)."""
     diffs = [cell_differences(block, s) for s in strips]
     names = [n if n in RHYTHM_LEADS else None for n in map(_named, diffs)]
     if len(strips) == 1:
@@ -44,13 +46,6 @@ def strip_names(block: list[np.ndarray], strips: list[np.ndarray],
             and all(n in (None, lead) for n, lead in zip(names, GE_STRIPS))):
         return list(GE_STRIPS)
     return names
-
-
-def strip_lead(block: list[np.ndarray], strip: np.ndarray) -> str | None:
-    """The lead of a rhythm strip (a 10-s trace under the block), or None when no single cell matches it.
-
-    `block`: the 3x4 block's three rows as 10-s traces (the same sampling as `strip`)."""
-    return _named(cell_differences(block, strip))
 
 
 def _named(diffs: np.ndarray) -> str | None:
