@@ -54,8 +54,8 @@ def looks_sideways(ink: np.ndarray) -> bool:
 
     A phone photo with the dark table beside the page inks that border as columns: on its own, `lines_across` then
     turned an upright photo sideways first (four reads, ~6 s). The middle 60 % of the picture shows the page's own
-    rows: upright pages with a negative whole-picture score there 0.85; sideways pictures at most 0.29 (the same 52
-    real and ECG-Image-Kit pictures, 40 own pages, each upright and turned)."""
+    rows: the one upright page with a negative whole-picture score scores 0.85 there; sideways pictures at most 0.29
+    (42 real and 40 ECG-Image-Kit pictures, 40 own photo/random pages, each upright and turned a quarter)."""
     if lines_across(ink) >= 0:
         return False
     h, w = ink.shape
