@@ -61,9 +61,10 @@ def read_layout(ink: np.ndarray, candidates: list[tuple[list[float], float]], rh
     (rows, pitch), *more = candidates
     if len(rows) == 7:
         try:  # the strip named from the traces, or, when its top row is a trace (not a header line), assumed
-            read = (_block_and_strips(ink, rows, pitch, n_samples, block="6x2")
+            done = follow_rows(ink, rows, pitch)
+            read = (_block_and_strips(ink, rows, pitch, n_samples, block="6x2", done=done)
                     or (None if _text_line(ink, rows[0], pitch) else
-                        _block_and_strips(ink, rows, pitch, n_samples, rhythm_lead, block="6x2")))
+                        _block_and_strips(ink, rows, pitch, n_samples, rhythm_lead, "6x2", done)))
         except DigitizeError:
             read = None
         if read is not None or not more:
@@ -78,9 +79,9 @@ def read_layout(ink: np.ndarray, candidates: list[tuple[list[float], float]], rh
             continue
         if read is not None:
             return read
-    n = len(rows)
-    read = _block_and_strips(ink, rows, pitch, n_samples, fallback=rhythm_lead) if n in (4, 6) else None
-    return read or _plain(ink, rows, pitch, n_samples)
+    done = follow_rows(ink, rows, pitch)  # six rows are read twice (block and strips, 6x2): followed once
+    read = _block_and_strips(ink, rows, pitch, n_samples, rhythm_lead, done=done) if len(rows) in (4, 6) else None
+    return read or _plain(ink, rows, pitch, n_samples, done)
 
 
 def _text_line(ink: np.ndarray, y: float, pitch: float) -> bool:
@@ -93,20 +94,21 @@ def _text_line(ink: np.ndarray, y: float, pitch: float) -> bool:
     return bool(glyph_map(band, pitch, band.shape[1])[on].mean() > 0.5)
 
 
-def _plain(ink: np.ndarray, rows: list[float], pitch: float, n_samples: int) -> RowsRead:
+def _plain(ink: np.ndarray, rows: list[float], pitch: float, n_samples: int,
+           done: Followed | None = None) -> RowsRead:
     """The rows read as the strip-less layout of their count: 3x4, 6x2 or 12x1."""
     layout = {3: "3x4", 6: "6x2"}.get(len(rows), "12x1")
-    read = read_rows(ink, rows, pitch, [len(leads) for leads in LEAD_ROWS[layout]], n_samples)
+    read = read_rows(ink, rows, pitch, [len(leads) for leads in LEAD_ROWS[layout]], n_samples, done)
     read.layout = layout
     return read
 
 
 def _block_and_strips(ink: np.ndarray, rows: list[float], pitch: float, n_samples: int,
-                      fallback: str | None = None, block: str = "3x4") -> RowsRead | None:
+                      fallback: str | None = None, block: str = "3x4", done: Followed | None = None) -> RowsRead | None:
     """The rows read as a block (3x4: three rows; 6x2: six) and rhythm strips (strips not named left out), or None
     when they are not that (`strips.strip_names`) or no strip is named."""
     k = len(LEAD_ROWS[block])
-    read = read_rows(ink, rows, pitch, [len(LEAD_ROWS[block][0])] * k + [1] * (len(rows) - k), n_samples)
+    read = read_rows(ink, rows, pitch, [len(LEAD_ROWS[block][0])] * k + [1] * (len(rows) - k), n_samples, done)
     names = strip_names(read.traces[:k], read.traces[k:], fallback)
     if not names or not any(names):
         return None
@@ -115,15 +117,37 @@ def _block_and_strips(ink: np.ndarray, rows: list[float], pitch: float, n_sample
     return read
 
 
-def read_rows(ink: np.ndarray, rows: list[float], pitch: float, n_cols: list[int], n_samples: int) -> RowsRead:
-    """Each row of `rows` followed and resampled to `n_samples` over its 10 s; `n_cols[r]` leads share row r."""
+@dataclass
+class Followed:
+    """A page's rows followed once, before it is known how many leads share each row: `read_rows` places them under
+    each layout a page could be (six rows: a block and strips, or 6x2) without following the pen again."""
+
+    extents: list[tuple[int, int]]  # per row, first and last trace column (pulse trimmed), px
+    tracks: list[tuple[np.ndarray, float, np.ndarray]]  # per row, `rows.follow_trace`'s (trace, continuity, peaks)
+    near: list[tuple[float, ...]]  # per row, its neighbours' baselines
+    glyphs: np.ndarray  # `rows.glyph_map` of the page
+    pulses: tuple[int, int]  # rows starting with a pulse standing up, rows ending in one hanging down
+
+
+def follow_rows(ink: np.ndarray, rows: list[float], pitch: float) -> Followed:
+    """Each row of `rows` followed across its traced extent, its calibration pulse dropped."""
     extents = trace_extent(ink, rows, pitch)
     check_line_drawing(ink, rows, pitch, *(int(np.median([e[i] for e in extents])) for i in (0, 1)))
     near = [tuple(rows[i] for i in (r - 1, r + 1) if 0 <= i < len(rows)) for r in range(len(rows))]
     glyphs = glyph_map(ink, pitch, int(np.median([b - a for a, b in extents])))
-    followed = [follow_trace(ink, y, pitch, a, b, nb, glyphs) for y, (a, b), nb in zip(rows, extents, near)]
+    tracks = [follow_trace(ink, y, pitch, a, b, nb, glyphs) for y, (a, b), nb in zip(rows, extents, near)]
     pulses = pulse_sides(ink, rows, pitch, extents)
-    followed, extents = _trim_pulses(followed, extents, pitch)
+    tracks, extents = _trim_pulses(tracks, extents, pitch)
+    return Followed(extents, tracks, near, glyphs, pulses)
+
+
+def read_rows(ink: np.ndarray, rows: list[float], pitch: float, n_cols: list[int], n_samples: int,
+              done: Followed | None = None) -> RowsRead:
+    """Each row of `rows` followed (or `done`: `follow_rows` of these rows) and resampled to `n_samples` over its
+    10 s; `n_cols[r]` leads share row r."""
+    done = done or follow_rows(ink, rows, pitch)
+    extents, near, glyphs, pulses = done.extents, done.near, done.glyphs, done.pulses
+    followed = list(done.tracks)  # a row followed again below (its ticks blanked) replaces its entry here only
     found = [separator_columns(ink, y, pitch, a, b, n) for y, (a, b), n in zip(rows, extents, n_cols)]
     if sum(map(len, found)) < MIN_TICKED * sum(n - 1 for n in n_cols):
         found = [[] for _ in rows]  # a QRS crossing the baseline at a column's start, not a printer's ticks
