@@ -90,15 +90,14 @@ def join_strokes(ink: np.ndarray) -> np.ndarray:
     _, labels, stats, _ = cv2.connectedComponentsWithStats(strong, connectivity=8)
     small = stats[:, cv2.CC_STAT_AREA] < speck
     small[0] = False
-    if stats[small, cv2.CC_STAT_AREA].sum() < BROKEN * max(1, int(strong.sum())):  # too few pieces to matter
-        return np.where(small[labels], 0, ink).astype(np.uint8)
-    _, weak_labels, weak_stats, _ = cv2.connectedComponentsWithStats((ink > INK_ON // 2).astype(np.uint8),
-                                                                     connectivity=8)
-    stroke = np.zeros(len(weak_stats), bool)  # half-strength blobs holding a stroke
-    stroke[np.unique(weak_labels[(strong > 0) & ~small[labels]])] = True
-    stroke[0] = False
-    pieces = small[labels] & stroke[weak_labels]
-    if pieces.sum() < BROKEN * max(1, int(strong.sum())):
-        return np.where(small[labels], 0, ink).astype(np.uint8)
-    joined = stroke[weak_labels]
-    return np.where(joined, np.maximum(ink, INK_ON + 1), np.where(strong > 0, 0, ink)).astype(np.uint8)
+    enough = BROKEN * max(1, int(strong.sum()))
+    if stats[small, cv2.CC_STAT_AREA].sum() >= enough:  # pieces enough to matter, if they hang on strokes
+        _, weak_labels, weak_stats, _ = cv2.connectedComponentsWithStats((ink > INK_ON // 2).astype(np.uint8),
+                                                                         connectivity=8)
+        stroke = np.zeros(len(weak_stats), bool)  # half-strength blobs holding a stroke
+        stroke[np.unique(weak_labels[(strong > 0) & ~small[labels]])] = True
+        stroke[0] = False
+        if (small[labels] & stroke[weak_labels]).sum() >= enough:
+            joined = stroke[weak_labels]
+            return np.where(joined, np.maximum(ink, INK_ON + 1), np.where(strong > 0, 0, ink)).astype(np.uint8)
+    return np.where(small[labels], 0, ink).astype(np.uint8)

@@ -22,13 +22,8 @@ class DigitizeError(InputError):
     """No ECG trace rows could be found on the page (a blank page, a photo of something else)."""
 
 
-def find_rows(ink: np.ndarray) -> tuple[list[float], float]:
-    """Baselines (px) of the trace rows and their pitch; the largest evenly spaced set of across-page rows."""
-    return row_sets(ink)[0]
-
-
 def row_sets(ink: np.ndarray) -> list[tuple[list[float], float]]:
-    """Candidate trace rows, best first: the largest evenly spaced chain of across-page rows (`find_rows`); when
+    """Candidate trace rows, best first: the largest evenly spaced chain of across-page rows (baselines, px; and their pitch); when
     that is seven rows (6x2 and a strip, or a 6x2 page under a header line), the best chain of another count; then,
     when more rows lie near an evenly spaced line, those (see `_even_rows`). The caller confirms all but the first."""
     peaks, cover, min_gap = _row_peaks(ink)
